@@ -1,0 +1,3 @@
+"""Imports every sub-command module so that each registers itself on the app."""
+
+from fsbench.cli import demo, ls, run  # noqa: F401

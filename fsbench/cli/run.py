@@ -1,0 +1,99 @@
+"""`fsbench run`: run methods x backbones x datasets x shots x seeds in this process."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import typer
+
+from fsbench.cli.app import app, console
+from fsbench.cli.common import int_list, load_config, progress_bars, results_table, split_list
+from fsbench.config import BenchConfig
+from fsbench.errors import RunFailed
+from fsbench.registry import load_plugin
+from fsbench.results import Result
+
+Opt = typer.Option
+
+
+def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrained: str = "",
+           checkpoint: str = ""):
+    """RunSpecs for the product of the lists (flags override the study's lists)."""
+    from fsbench.engine import RunSpec
+
+    study = cfg.study
+    grid = itertools.product(methods or study.methods, backbones or study.backbones,
+                             datasets or study.datasets, shots or study.shots, seeds or study.seeds)
+    return [RunSpec(m, b, d, k, s, pretrained or study.pretrained, checkpoint or study.checkpoint)
+            for m, b, d, k, s in grid]
+
+
+def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
+    """Run `specs` with progress bars, ordered so runs sharing a backbone and dataset are adjacent."""
+    from fsbench.engine import Runner
+
+    specs = sorted(specs, key=lambda s: (s.backbone, s.dataset, s.method, s.shots, s.seed))
+    results = []
+    with progress_bars() as (bars, track):
+        runner = Runner(cfg, track)
+        overall = bars.add_task("runs", total=len(specs))
+        for spec in specs:
+            bars.update(overall, description=f"{spec.method} {spec.backbone} {spec.dataset} "
+                                             f"K={spec.shots} seed={spec.seed}")
+            result, reused = runner.run(spec, force=force)
+            results.append(result)
+            bars.advance(overall)
+            if reused:
+                console.print(f"[dim]skipped (already done): {spec.method} {spec.backbone} "
+                              f"{spec.dataset} K={spec.shots} seed={spec.seed}[/]")
+    return results
+
+
+@app.command()
+def run(
+    method: list[str] = Opt(None, "--method", "-m", help="Method name(s); default: the study's."),
+    backbone: list[str] = Opt(None, "--backbone", "-b", help="e.g. ViT-B/16, test-tiny."),
+    dataset: list[str] = Opt(None, "--dataset", "-d", help="Dataset name(s)."),
+    shots: list[str] = Opt(None, "--shots", "-k", help="Shots per class, e.g. 1,2,4."),
+    seed: list[str] = Opt(None, "--seed", "-s", help="Seeds, e.g. 1,2,3."),
+    pretrained: str = Opt("", help="open_clip pretrained tag; 'none' = seeded random weights."),
+    checkpoint: str = Opt("", help="Local checkpoint file instead of a pretrained tag."),
+    config: Path = Opt(None, "--config", "-c", help="Study file (default: ./bench.toml if present)."),
+    set_: list[str] = Opt(None, "--set", help="Override SECTION.KEY=VALUE, e.g. lora.rank=4."),
+    data_root: str = Opt(None, help="Folder holding the datasets."),
+    results: str = Opt(None, help="Results folder (default results/runs)."),
+    device: str = Opt(None, help="auto | cpu | cuda | cuda:N."),
+    workers: int = Opt(None, help="Image loader processes (default: one per core, max 8)."),
+    allow_repeat: bool = Opt(None, "--allow-repeat", help="Sample with replacement in small classes."),
+    force: bool = Opt(False, "--force", help="Re-run even when a result with the same config exists."),
+    plugin: list[Path] = Opt(None, "--plugin", help="Python file registering extra methods."),
+) -> None:
+    """Run few-shot experiments and write one result JSON per run."""
+    for p in plugin or []:
+        load_plugin(p)
+    cfg = load_config(config, set_, data_root=data_root, results=results, device=device,
+                      workers=workers, allow_repeat=allow_repeat)
+    specs = expand(cfg, split_list(method), split_list(backbone), split_list(dataset),
+                   int_list(shots, "--shots"), int_list(seed, "--seed"), pretrained, checkpoint)
+    _validate_names(specs)
+    done = execute(cfg, specs, force)
+    console.print(results_table(done))
+    console.print(f"results in {cfg.runtime.results}")
+    failed = [r for r in done if r.status != "ok"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(done)} runs failed (first: {failed[0].error})")
+
+
+def _validate_names(specs) -> None:
+    """Fail fast on unknown names, before any model is built."""
+    from fsbench.backbones import resolve_factory
+    from fsbench.data import DATASETS
+    from fsbench.method import METHODS
+
+    for name in {s.method for s in specs}:
+        METHODS.get(name)
+    for name in {s.dataset for s in specs}:
+        DATASETS.get(name)
+    for name in {s.backbone for s in specs}:
+        resolve_factory(name)

@@ -1,0 +1,198 @@
+"""Configuration: built-in defaults < bench.toml < command line (`--set lora.rank=4`).
+
+Sections are plain dataclasses; every key a user writes is checked against their fields and
+types, and an unknown key is an error naming the file, the line and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsbench.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PAPER_DATASETS = ["imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars", "food101",
+                  "oxford_pets", "oxford_flowers", "caltech101", "dtd", "ucf101"]
+
+
+@dataclass
+class Study:
+    """What to run: the product of these lists."""
+
+    methods: list[str] = field(default_factory=lambda: ["zero_shot", "linear_probe", "lora"])
+    backbones: list[str] = field(default_factory=lambda: ["ViT-B/16", "ViT-B/32", "ViT-L/14"])
+    datasets: list[str] = field(default_factory=lambda: list(PAPER_DATASETS))
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    pretrained: str = ""  # "" = the backbone's default ("openai" for the paper's ViTs)
+    checkpoint: str = ""  # a local weights file instead of a pretrained tag
+
+
+@dataclass
+class Runtime:
+    """Where and how to run."""
+
+    data_root: str = "data"
+    results: str = "results/runs"
+    cache_dir: str = ".fsbench_cache"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = -1  # image loader processes; -1 = one per core, at most 8
+    eval_batch_size: int = 256
+    allow_repeat: bool = False  # CoOp's fallback: sample shots with replacement in small classes
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class BenchConfig:
+    """A whole bench.toml: the study, the runtime, and per-method settings (`[methods.X]`)."""
+
+    study: Study = field(default_factory=Study)
+    runtime: Runtime = field(default_factory=Runtime)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+SECTIONS: dict[str, type] = {"study": Study, "runtime": Runtime}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, list[...], tuple,
+    Optional, Literal) and return it converted (int -> float, list -> tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [coerce(v, inner, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool, dict) and isinstance(value, tp) and not (
+            tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str, base: Any = None) -> Any:
+    """Instantiate `cls` from `values` over `base` (or the defaults), checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    current = {n: getattr(base, n) for n in names} if base is not None else {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(names)}")
+        current[key] = coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**current)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _line_of(text: str, key: str) -> int | None:
+    for i, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*\[?\s*{re.escape(key)}\s*[=\].]", line):
+            return i
+    return None
+
+
+def load_bench(path: str | Path | None) -> BenchConfig:
+    """Read bench.toml (or return the defaults for None); errors carry file:line."""
+    if path is None:
+        return BenchConfig()
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    cfg = BenchConfig()
+    for section, values in raw.items():
+        line = _line_of(text, section)
+        where = f"{path}:{line}" if line else str(path)
+        if section == "methods":
+            if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+                raise ConfigError(f"{where}: [methods] must hold one table per method, e.g. [methods.lora]")
+            cfg.methods = {k.lower(): dict(v) for k, v in values.items()}
+        elif section in SECTIONS:
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}: {section} must be a table, [{section}]")
+            for key in values:
+                kline = _line_of(text, key)
+                kwhere = f"{path}:{kline}" if kline else str(path)
+                build_dataclass(SECTIONS[section], {key: values[key]}, f"{kwhere}: [{section}]")
+            setattr(cfg, section, build_dataclass(SECTIONS[section], values, f"{where}: [{section}]"))
+        else:
+            valid = ", ".join([*SECTIONS, "methods"])
+            raise ConfigError(f"{where}: unknown section [{section}]; valid sections: {valid}")
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: TOML syntax when it parses (4, 0.5, true, ["q","v"]), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_sets(cfg: BenchConfig, sets: list[str]) -> BenchConfig:
+    """Apply `--set section.key=value` overrides; a section that is not study/runtime is a
+    method name (`lora.rank=4` sets [methods.lora] rank)."""
+    for item in sets:
+        target, sep, value = item.partition("=")
+        section, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. lora.rank=4")
+        parsed = parse_value(value.strip())
+        if section in SECTIONS:
+            updated = build_dataclass(SECTIONS[section], {key: parsed}, f"--set {section}",
+                                      getattr(cfg, section))
+            setattr(cfg, section, updated)
+        else:
+            cfg.methods.setdefault(section.lower(), {})[key] = parsed
+    return cfg
+
+
+def method_config(method_cls: type, overrides: dict[str, Any]) -> Any:
+    """The method's `Config` with user overrides applied and validated."""
+    return build_dataclass(method_cls.Config, overrides, f"[methods.{method_cls.name}]")

@@ -1,0 +1,109 @@
+"""A small decorator registry with "did you mean" answers and entry-point plug-ins."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from fsbench.errors import ConfigError, UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps lowercase names to objects; duplicates are an error, typos get a suggestion.
+
+    Args:
+        kind: what is registered ("method", "dataset", ...), used in messages.
+        entry_point_group: optional `importlib.metadata` group scanned on first lookup.
+        base: optional class every registered object must subclass.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, base: type | None = None):
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self.base = base
+        self._items: dict[str, T] = {}
+        self._loaders: list[Callable[[], None]] = []
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: `@REGISTRY.register("name")`."""
+        if name != name.lower() or not name:
+            raise ValueError(f"{self.kind} names are lowercase and non-empty, got {name!r}")
+
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {self._items[name]!r}")
+            if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise TypeError(f"{self.kind} {name!r} must subclass {self.base.__name__}")
+            self._items[name] = obj
+            if isinstance(obj, type):
+                obj.name = name  # type: ignore[attr-defined]
+            return obj
+
+        return deco
+
+    def add_loader(self, loader: Callable[[], None]) -> None:
+        """Run `loader` (which imports modules that register) before the first lookup."""
+        self._loaders.append(loader)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for loader in self._loaders:
+            loader()
+        if self.entry_point_group:
+            for ep in entry_points(group=self.entry_point_group):
+                ep.load()
+
+    def get(self, name: str) -> T:
+        """Return the object registered as `name` or raise a did-you-mean error."""
+        self._load()
+        key = name.lower()
+        if key in self._items:
+            return self._items[key]
+        raise UnknownNameError(self._unknown_message(name))
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name.lower(), list(self._items), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(self._items))}"
+        return f"unknown {self.kind} {name!r}{hint}"
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a user's Python file so that its `@register_method` decorators run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"plugin file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"fsbench_plugin_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+def import_all(package: str) -> None:
+    """Import every module of `package` (each registers what it defines)."""
+    pkg = importlib.import_module(package)
+    for file in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        if not file.stem.startswith("_"):
+            importlib.import_module(f"{package}.{file.stem}")

@@ -1,0 +1,136 @@
+"""Generators of tiny on-disk datasets in each real layout, for tests.
+
+The layouts are written down here independently of fsbench/data (from CoOp's DATASETS.md and
+CLIP-LoRA's datasets/*.py), so the tests check the readers against the published layouts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image
+
+# name -> (CoOp DATASETS.md folder, CLIP-LoRA code folder, image folder, split file)
+COOP_LAYOUTS = {
+    "caltech101": ("caltech-101", "Caltech101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": ("oxford_pets", "OxfordPets", "images", "split_zhou_OxfordPets.json"),
+    "stanford_cars": ("stanford_cars", "StanfordCars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": ("oxford_flowers", "Flower102", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("food-101", "Food101", "images", "split_zhou_Food101.json"),
+    "sun397": ("sun397", "SUN397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": ("dtd", "DTD", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": ("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": ("ucf101", "UCF101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+}
+DEFAULT_CLASSES = ("apple_pie", "beta", "gamma")
+COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30))
+
+
+@lru_cache(maxsize=64)
+def _encoded(suffix: str, colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG" if suffix == ".png" else "JPEG")
+    return buf.getvalue()
+
+
+def write_image(path: Path, label: int) -> None:
+    """Write a tiny 8x8 image whose colour depends on `label` (format from the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_encoded(path.suffix.lower(), COLOURS[label % len(COLOURS)]))
+
+
+def make_coop_dataset(
+    root: Path,
+    name: str,
+    clip_lora_folder: bool = False,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+    counts: tuple[int, int, int] = (3, 1, 2),
+) -> Path:
+    """Write `name` in CoOp's split-json layout under `root`; returns the dataset folder.
+
+    `classes` are the raw names stored in the split file; `counts` are images per class in
+    train/val/test. `clip_lora_folder` uses the folder name of CLIP-LoRA's code instead of CoOp's.
+    """
+    coop_folder, lora_folder, image_dir, split_file = COOP_LAYOUTS[name]
+    folder = root / (lora_folder if clip_lora_folder else coop_folder)
+    split: dict[str, list] = {}
+    for split_name, count in zip(("train", "val", "test"), counts, strict=True):
+        split[split_name] = []
+        for label, cls in enumerate(classes):
+            for k in range(count):
+                rel = f"{cls}/{split_name}_{k}.jpg"
+                write_image(folder / image_dir / rel, label)
+                split[split_name].append([rel, label, cls])
+    (folder / split_file).write_text(json.dumps(split), encoding="utf-8")
+    return folder
+
+
+AIRCRAFT_VARIANTS = ("707-320", "F/A-18", "Falcon 2000")
+
+
+def make_aircraft(root: Path, folder: str = "fgvc_aircraft", per_split: int = 2) -> Path:
+    """Write FGVC-Aircraft's own layout (variants.txt + images_variant_*.txt + images/) in `root/folder`."""
+    base = root / folder
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "variants.txt").write_text("".join(v + "\n" for v in AIRCRAFT_VARIANTS), encoding="utf-8")
+    image_id = 1000000
+    for split in ("train", "val", "test"):
+        lines = []
+        for label, variant in enumerate(AIRCRAFT_VARIANTS):
+            for _ in range(per_split):
+                image_id += 1
+                write_image(base / "images" / f"{image_id}.jpg", label)
+                lines.append(f"{image_id} {variant}\n")
+        (base / f"images_variant_{split}.txt").write_text("".join(lines), encoding="utf-8")
+    return base
+
+
+def imagenet_wnids(n_classes: int) -> list[str]:
+    """`n_classes` wnid-shaped folder names, sorted."""
+    return [f"n{i:08d}" for i in range(n_classes)]
+
+
+def make_imagenet(
+    root: Path,
+    clip_lora_layout: bool = False,
+    with_classnames: bool = True,
+    n_classes: int = 3,
+    n_train: int = 3,
+    n_val: int = 2,
+) -> Path:
+    """Write ImageNet class folders: `imagenet/images/{train,val}` (CoOp) or `imagenet/{train,val}`.
+
+    With `with_classnames`, also CoOp's `classnames.txt` ("<wnid> <name>"; names "class <i>").
+    Without it the reader needs all 1000 classes, so pass `n_classes=1000`.
+    """
+    folder = root / "imagenet"
+    image_root = folder if clip_lora_layout else folder / "images"
+    wnids = imagenet_wnids(n_classes)
+    for label, wnid in enumerate(wnids):
+        for k in range(n_train):
+            write_image(image_root / "train" / wnid / f"{wnid}_{k}.JPEG", label)
+        for k in range(n_val):
+            write_image(image_root / "val" / wnid / f"ILSVRC2012_val_{label:05d}{k}.JPEG", label)
+    if with_classnames:
+        lines = "".join(f"{w} class {i}\n" for i, w in enumerate(wnids))
+        (folder / "classnames.txt").write_text(lines, encoding="utf-8")
+    return folder
+
+
+IMAGEFOLDER_CLASSES = ("golden_retriever", "tabby_cat")
+
+
+def make_imagefolder(root: Path, with_splits: bool, with_val: bool = True, per_class: int = 5) -> Path:
+    """Write a user image folder: `root/{train,val,test}/<class>/` (with_splits) or `root/<class>/`.
+
+    Files are PNG and JPEG mixed (names `img_<k>.png|jpg`), `per_class` per class and split.
+    """
+    splits = (("train", "val", "test") if with_val else ("train", "test")) if with_splits else ("",)
+    for split in splits:
+        for label, cls in enumerate(IMAGEFOLDER_CLASSES):
+            for k in range(per_class):
+                write_image(root / split / cls / f"img_{k}.{'png' if k % 2 else 'jpg'}", label)
+    return root
