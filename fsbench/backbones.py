@@ -105,15 +105,27 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 @BACKBONES.register("test-tiny")
 def _test_tiny(spec: BackboneSpec) -> nn.Module:
-    return _seeded(spec.seed, lambda: open_clip.CLIP(**TEST_TINY, quick_gelu=True))
+    model = _seeded(spec.seed, lambda: open_clip.CLIP(**TEST_TINY, quick_gelu=True))
+    if spec.checkpoint:
+        _check_file(spec.checkpoint)
+        try:
+            open_clip.load_checkpoint(model, spec.checkpoint)
+        except Exception as exc:  # wrong keys/shapes or not a checkpoint at all
+            raise WeightsError(f"cannot load {spec.checkpoint} into {spec.name}: "
+                               f"{str(exc).strip().splitlines()[0][:200]}") from None
+    return model
+
+
+def _check_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise WeightsError(f"checkpoint file not found: {path}")
 
 
 def _open_clip_model(spec: BackboneSpec) -> nn.Module:
     model_name, tag = spec.resolved()
     quick_gelu = spec.name.lower() in PAPER_BACKBONES
     if spec.checkpoint:
-        if not Path(spec.checkpoint).is_file():
-            raise WeightsError(f"checkpoint file not found: {spec.checkpoint}")
+        _check_file(spec.checkpoint)
         source = spec.checkpoint
     elif tag == "none":
         return _seeded(spec.seed, lambda: open_clip.create_model(
