@@ -1,7 +1,8 @@
 """Command line: `fsbench run | ls | demo | report | sweep | data ...`.
 
 Every user mistake surfaces as an `FsbenchError`, printed on one line with a documented exit
-code (see README "Exit codes"); anything else is a bug and keeps its traceback.
+code (see README "Exit codes"); usage errors are click's (exit 2); anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,26 +15,14 @@ from fsbench.errors import FsbenchError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fsbench` script."""
+    """Entry point of the `fsbench` script; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="fsbench", standalone_mode=True)
     except FsbenchError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted; finished runs are saved, re-run to resume")
-        return 130
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except Exception as exc:  # click's own usage errors arrive here
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
-        raise
+    except SystemExit as exc:  # standalone mode always ends here, usage errors included
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import typer
 from rich.table import Table
 
@@ -25,17 +23,12 @@ def _methods() -> Table:
     from fsbench.method import METHODS
 
     table = Table(title="methods")
-    for col in ("name", "input", "summary", "paper", "defaults"):
+    for col in ("name", "input", "summary", "paper"):
         table.add_column(col, overflow="fold")
     for name in METHODS.names():
         cls = METHODS.get(name)
-        defaults = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Config))
-        table.add_row(name, cls.input_kind, cls.summary, cls.paper, defaults)
+        table.add_row(name, cls.input_kind, cls.summary, cls.paper)
     return table
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _datasets() -> Table:

@@ -1,0 +1,44 @@
+"""`fsbench report`: the paper's tables and figures from a results store (never imports torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fsbench.cli.app import app, console
+from fsbench.errors import ConfigError
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option("--results", help="Results store to read.")] = Path("results/runs"),
+    out: Annotated[Path, typer.Option("--out", help="Folder the report is written to.")] = Path("results/report"),
+    backbone: Annotated[list[str] | None, typer.Option(
+        "--backbone", help="Only this backbone (repeatable).")] = None,
+    formats: Annotated[str, typer.Option(
+        "--format", help="Comma-separated outputs among md,csv,tex,png,pdf.")] = "md,csv,tex,png,pdf",
+    compare: Annotated[str | None, typer.Option(
+        "--compare", help='"paper" (the CLIP-LoRA paper\'s numbers) or a reference CSV.')] = None,
+) -> None:
+    """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), cost and Pareto plot."""
+    from fsbench.report import main_table, to_rich, write_report
+    from fsbench.report.tables import blocks
+    from fsbench.report.write import parse_formats, select_backbones
+    from fsbench.results import load_results
+
+    formats = parse_formats(formats)
+    if not results.is_dir():
+        raise ConfigError(f"results folder {results} does not exist; pass --results DIR")
+    df = load_results(results)
+    if df.empty:
+        raise ConfigError(f"no finished results under {results}; run `fsbench run` first")
+    df = select_backbones(df, backbone)
+    notes: list[str] = []
+    written = write_report(df, out, formats, compare=compare, notes=notes)
+    for b, s in blocks(df):
+        console.print(to_rich(main_table(df, b, s)))
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {len(written)} files to {out}", highlight=False)
