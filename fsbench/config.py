@@ -51,10 +51,48 @@ class Runtime:
     workers: int = -1  # image loader processes; -1 = one per core, at most 8
     eval_batch_size: int = 256
     allow_repeat: bool = False  # CoOp's fallback: sample shots with replacement in small classes
+    skip_bad_images: bool = False  # leave undecodable image files out (counted in each result)
+    splits: str = ""  # few-shot splits file from `fsbench data export-splits`, used instead of local draws
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class Sweep:
+    """How `fsbench sweep` / `fsbench ablate` execute their runs."""
+
+    executor: str = "local"  # local: in this process, one device | ray: one Ray worker per GPU (or CPU slot)
+    ray_address: str = ""  # "" = start a local Ray instance for the sweep; "auto" or host:port = join a cluster
+    gpus_per_run: float = 1.0  # GPUs per Ray worker when the cluster has GPUs (0.5 = two workers per GPU)
+    cpus_per_run: float = 1.0  # CPUs per Ray worker on a CPU-only cluster
+    workers: int = 0  # Ray workers; 0 = as many as the cluster's resources allow
+    max_failures: int = -1  # stop starting runs once more than this many failed (0: at the first); -1 = never
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {self.executor!r}")
+        if self.gpus_per_run <= 0 or self.cpus_per_run <= 0 or self.workers < 0 or self.max_failures < -1:
+            raise ValueError("need gpus_per_run > 0, cpus_per_run > 0, workers >= 0 and max_failures >= -1")
+
+
+@dataclass
+class Ablation:
+    """Figure 3 of CLIP-LoRA: variants of `method` around its configured defaults, three panels:
+    (a) matrices x ranks, (b) positions, (c) encoders; each stored under its own label."""
+
+    enabled: bool = False  # also run the grid in `fsbench sweep` (`fsbench ablate` runs it regardless)
+    method: str = "lora"
+    backbones: list[str] = field(default_factory=lambda: ["ViT-B/16"])
+    datasets: list[str] = field(default_factory=lambda: list(PAPER_DATASETS))
+    shots: list[int] = field(default_factory=lambda: [4])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    matrices: list[list[str]] = field(default_factory=lambda: [
+        ["q"], ["k"], ["v"], ["o"], ["q", "k"], ["q", "v"], ["k", "v"], ["q", "k", "v"], ["q", "k", "v", "o"]])
+    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    positions: list[str] = field(default_factory=lambda: ["bottom", "mid", "up", "half-bottom", "half-up", "all"])
+    encoders: list[str] = field(default_factory=lambda: ["vision", "text", "both"])
 
 
 @dataclass
@@ -63,10 +101,12 @@ class BenchConfig:
 
     study: Study = field(default_factory=Study)
     runtime: Runtime = field(default_factory=Runtime)
+    sweep: Sweep = field(default_factory=Sweep)
+    ablation: Ablation = field(default_factory=Ablation)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-SECTIONS: dict[str, type] = {"study": Study, "runtime": Runtime}
+SECTIONS: dict[str, type] = {"study": Study, "runtime": Runtime, "sweep": Sweep, "ablation": Ablation}
 
 
 def _type_name(tp: Any) -> str:
@@ -143,7 +183,7 @@ def load_bench(path: str | Path | None) -> BenchConfig:
         raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad TOML or UTF-8, a 5000-digit int, [[[[... nesting
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     cfg = BenchConfig()
     for section, values in raw.items():
@@ -171,7 +211,7 @@ def parse_value(text: str) -> Any:
     """A --set value: TOML syntax when it parses (4, 0.5, true, ["q","v"]), else a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):
         return text
 
 

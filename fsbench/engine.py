@@ -11,24 +11,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import resource
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from fsbench import adapters
 from fsbench.backbones import Backbone, BackboneSpec, build_backbone
 from fsbench.config import BenchConfig, method_config
 from fsbench.data import DatasetSplits, load_dataset
-from fsbench.errors import RunFailed
+from fsbench.errors import ConfigError, DataError, RunFailed
 from fsbench.features import FeatureCache
-from fsbench.images import image_loader
+from fsbench.images import BadImageError, bad_images_error, drop_bad_images, image_loader, scan_images
 from fsbench.method import METHODS, Context, FewShotData, Method
 from fsbench.results import Result, read_result, result_path, write_result
-from fsbench.splits import FewShotSplit, SplitStore
+from fsbench.splits import FewShotSplit, SplitStore, read_splits_file, split_from_entry
 from fsbench.versions import versions
 
 # Bump when a change to the protocol (sampling, evaluation) invalidates earlier results.
@@ -39,7 +44,11 @@ Track = Callable[[Iterable, int, str], Iterable]
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One cell of a study: which method on which backbone, dataset, shot count and seed."""
+    """One cell of a study: which method on which backbone, dataset, shot count and seed.
+
+    `label` names a variant of `method` set by `overrides` (e.g. "lora@qv-r4-all-both"): its
+    result is stored under the label, so variants of one method never overwrite each other.
+    """
 
     method: str
     backbone: str
@@ -48,6 +57,7 @@ class RunSpec:
     seed: int
     pretrained: str = ""
     checkpoint: str = ""
+    label: str = ""
     overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -97,6 +107,10 @@ class Runner:
     def __init__(self, cfg: BenchConfig, track: Track | None = None):
         self.cfg = cfg
         rt = cfg.runtime
+        ensure_writable(rt.results, "--results DIR")
+        ensure_writable(rt.cache_dir, "--set runtime.cache_dir=DIR")
+        # (dataset, K, seed) -> an imported split (`fsbench run --splits FILE`), used instead of a local draw
+        self.imported = read_splits_file(rt.splits) if rt.splits else {}
         self.device = resolve_device(rt.device)
         self.workers = None if rt.workers < 0 else rt.workers
         self.track: Track = track or (lambda it, total, desc: it)
@@ -114,7 +128,10 @@ class Runner:
 
     def dataset(self, name: str) -> DatasetSplits:
         if name not in self._datasets:
-            self._datasets[name] = load_dataset(name, self.cfg.runtime.data_root)
+            data = load_dataset(name, self.cfg.runtime.data_root)
+            if self.cfg.runtime.skip_bad_images:
+                data = drop_bad_images(data, self.cfg.runtime.cache_dir, self.track)
+            self._datasets[name] = data
         return self._datasets[name]
 
     def method_and_config(self, spec: RunSpec) -> tuple[type[Method], Any]:
@@ -122,39 +139,75 @@ class Runner:
         overrides = {**self.cfg.methods.get(cls.name, {}), **spec.overrides}
         return cls, method_config(cls, overrides)
 
-    def existing(self, spec: RunSpec) -> Result | None:
-        """The finished result of `spec` with the same config, if there is one."""
+    def previous(self, spec: RunSpec) -> Result | None:
+        """The stored result of `spec`, ok or failed, if it was run with the same config."""
         cls, config = self.method_and_config(spec)
-        path = result_path(self.cfg.runtime.results, cls.name, spec.backbone, spec.dataset,
+        path = result_path(self.cfg.runtime.results, spec.label or cls.name, spec.backbone, spec.dataset,
                            spec.shots, spec.seed)
         old = read_result(path) if path.is_file() else None
-        if old and old.status == "ok" and old.config_hash == config_hash(cls.name, config, spec):
+        if old and old.config_hash == config_hash(cls.name, config, spec) and self._same_split(spec, old):
             return old
         return None
 
-    def run(self, spec: RunSpec, force: bool = False) -> tuple[Result, bool]:
-        """Run `spec` (or reuse its result); returns (result, reused)."""
-        if not force and (old := self.existing(spec)) is not None:
+    def _same_split(self, spec: RunSpec, old: Result) -> bool:
+        """With imported splits, a stored result counts only if it used the imported split."""
+        if not self.imported:
+            return True
+        entry = self.imported.get((self.dataset(spec.dataset).name, spec.shots, spec.seed))
+        return entry is None or old.split_checksum == entry["checksum"]
+
+    def existing(self, spec: RunSpec) -> Result | None:
+        """The finished result of `spec` with the same config, if there is one."""
+        old = self.previous(spec)
+        return old if old is not None and old.status == "ok" else None
+
+    def run(self, spec: RunSpec, force: bool = False, record_errors: bool = False,
+            save_adapter: str | None = None) -> tuple[Result, bool]:
+        """Run `spec` (or reuse its result); returns (result, reused).
+
+        `RunFailed` and out-of-memory are recorded as a failed result; with `record_errors` (sweeps)
+        so is any other exception: its type and first line, the traceback in `extra["traceback"]`.
+        `save_adapter` (a directory) saves what the method learned after `fit` (`fsbench.adapters`).
+        """
+        adapter = adapters.adapter_dir(save_adapter, spec) if save_adapter else None
+        reusable = not force and (adapter is None or adapters.is_saved(adapter))  # re-run to save a missing adapter
+        if reusable and (old := self.existing(spec)) is not None:
             return old, True
         cls, config = self.method_and_config(spec)
-        result = Result(method=cls.name, backbone=spec.backbone, dataset=spec.dataset,
+        result = Result(method=spec.label or cls.name, backbone=spec.backbone, dataset=spec.dataset,
                         shots=spec.shots, seed=spec.seed, pretrained=spec.pretrained or None,
                         config=dataclasses.asdict(config), config_hash=config_hash(cls.name, config, spec),
                         device=str(self.device), versions=versions())
+        if spec.label:
+            result.extra["base_method"] = cls.name
         try:
-            self._execute(cls, config, spec, result)
+            self._execute(cls, config, spec, result, adapter)
+        except BadImageError:
+            error = self._bad_images(cls, spec)  # every unreadable file, not only the first
+            if not record_errors:
+                raise error from None
+            result.status, result.error = "failed", str(error)
         except (RunFailed, torch.OutOfMemoryError) as exc:
             result.status = "failed"
             result.error = _failure_message(exc)
+        except Exception as exc:
+            if not record_errors:
+                raise
+            result.status = "failed"
+            result.error = _error_line(exc)
+            result.extra["traceback"] = traceback.format_exc()
         result.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_result(self.cfg.runtime.results, result)
         return result, False
 
-    def _execute(self, cls: type[Method], config: Any, spec: RunSpec, result: Result) -> None:
+    def _execute(self, cls: type[Method], config: Any, spec: RunSpec, result: Result,
+                 adapter: Path | None = None) -> None:
         data = self.dataset(spec.dataset)
         backbone = self.backbone(spec)
-        split = self.splits.get(data, spec.shots, spec.seed)
+        split = self._split(data, spec)
         result.split_checksum = split.checksum(data)
+        if "skipped_images" in data.extra:
+            result.extra["skipped_images"] = len(data.extra["skipped_images"])
         torch.manual_seed(spec.seed)  # dropout and other module-level randomness
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -167,6 +220,8 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.train_seconds = time.perf_counter() - start
+        if adapter is not None:  # `--save-adapter`: what the method learned, before it sees test data
+            adapters.save_adapter(method, adapter, spec)
         start = time.perf_counter()
         logits, labels = self.test_logits(method, backbone, data)
         result.eval_seconds = time.perf_counter() - start
@@ -177,6 +232,25 @@ class Runner:
         result.peak_memory_bytes = peak_memory(self.device)
         result.trainable_params = method.trainable_params()
         result.inference_overhead = method.inference_overhead()
+
+    def _split(self, data: DatasetSplits, spec: RunSpec) -> FewShotSplit:
+        """The imported split of (dataset, K, seed), persisted in the store, else the store's own."""
+        entry = self.imported.get((data.name, spec.shots, spec.seed))
+        if entry is None:
+            return self.splits.get(data, spec.shots, spec.seed)
+        split = split_from_entry(entry, data, self.cfg.runtime.splits)
+        self.splits.put(data, split)
+        return split
+
+    def _bad_images(self, cls: type[Method], spec: RunSpec) -> DataError:
+        """One error naming every unreadable file the run reads (whole splits for feature methods)."""
+        data = self.dataset(spec.dataset)
+        items = data.train + data.val + data.test
+        if cls.input_kind != "features":
+            split = self._split(data, spec)
+            items = [data.train[i] for i in split.train] + [data.val[i] for i in split.val] + data.test
+        bad = scan_images(items, data.image_root, self.track, "find unreadable images")
+        return bad_images_error(sorted({it.path for it in bad}), data.image_root)
 
     def fewshot(self, cls: type[Method], backbone: Backbone, data: DatasetSplits,
                 split: FewShotSplit) -> tuple[FewShotData, FewShotData]:
@@ -216,8 +290,29 @@ class Runner:
         return lambda it, total: self.track(it, total, desc)
 
 
+def ensure_writable(folder: str, flag: str) -> None:
+    """Fail before any work when `folder` cannot take new files (a file in the way, no permission)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; remove it or choose another folder with {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fsbench-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {folder} ({exc.strerror or exc}); fix its permissions or "
+                          f"choose another folder with {flag}") from None
+
+
 def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+def _error_line(exc: BaseException) -> str:
+    """"Type: first line of the message" of an unexpected error."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _failure_message(exc: BaseException) -> str:

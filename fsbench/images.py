@@ -2,25 +2,93 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from fsbench.data.base import Item
+from fsbench.data.base import DatasetSplits, Item
 from fsbench.errors import DataError
+from fsbench.io import atomic_write_json
+
+MAX_LISTED = 20  # bad files named in one error line
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded."""
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB; an unreadable file is a `DataError` naming it."""
+    """Open an image as RGB; an unreadable file is a `BadImageError` (a `DataError`) naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImageError(f"cannot read image {path}: {exc}") from None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_image(path)
+        return True
+    except BadImageError:
+        return False
+
+
+def scan_images(items: Sequence[Item], root: Path, track: Callable[[Iterable, int, str], Iterable] | None = None,
+                desc: str = "check images") -> list[Item]:
+    """The items whose file cannot be decoded (every file is decoded, on a few threads)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        ok = pool.map(_readable, [Path(root) / it.path for it in items], chunksize=64)
+        ok = track(ok, len(items), desc) if track else ok
+        return [it for it, good in zip(items, ok, strict=True) if not good]
+
+
+def bad_images_error(bad: Sequence[str], root: Path) -> DataError:
+    """One line naming every unreadable file (the first MAX_LISTED, then a count)."""
+    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    s = "" if len(bad) == 1 else "s"
+    return DataError(f"{len(bad)} unreadable image{s} under {root}: {', '.join(bad[:MAX_LISTED])}{more}; "
+                     "replace or delete them, or pass --skip-bad-images to leave them out")
+
+
+def load_images(items: Sequence[Item], root: Path) -> list[Image.Image]:
+    """Decode every item; if any fails, one `DataError` names all the failures."""
+    images, bad = [], []
+    for it in items:
+        try:
+            images.append(load_image(Path(root) / it.path))
+        except BadImageError:
+            bad.append(it.path)
+    if bad:
+        raise bad_images_error(bad, root)
+    return images
+
+
+def drop_bad_images(data: DatasetSplits, cache_dir: str | Path,
+                    track: Callable[[Iterable, int, str], Iterable] | None = None) -> DatasetSplits:
+    """`data` without its undecodable files (listed in `extra["skipped_images"]`).
+
+    Every file is decoded once; the list of bad files is cached under `<cache_dir>/image_scan/`,
+    keyed by the image root and the splits' content, so later runs do not decode again.
+    """
+    key = json.dumps([str(Path(data.image_root).resolve())] + [data.fingerprint(s) for s in ("train", "val", "test")])
+    path = Path(cache_dir) / "image_scan" / f"{data.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        bad = set(json.loads(path.read_text())["bad"])
+    except (OSError, ValueError, KeyError, TypeError):
+        items = data.train + data.val + data.test
+        bad = {it.path for it in scan_images(items, data.image_root, track, f"check images of {data.name}")}
+        atomic_write_json(path, {"key": key, "bad": sorted(bad)})
+    keep = {s: [it for it in data.split(s) if it.path not in bad] for s in ("train", "val", "test")}
+    return dataclasses.replace(data, **keep, extra={**data.extra, "skipped_images": sorted(bad)})
 
 
 class ImageItems(Dataset):
@@ -64,7 +132,7 @@ def augmented_batches(items: Sequence[Item], root: Path, transform: Callable, ba
     processes. Shuffling uses `generator`; the random transforms use torch's global RNG,
     which the engine seeds per run.
     """
-    images = [load_image(Path(root) / it.path) for it in items]
+    images = load_images(items, root)
     labels = torch.tensor([it.label for it in items], dtype=torch.long)
     while True:
         order = torch.randperm(len(images), generator=generator)

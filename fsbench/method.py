@@ -141,6 +141,20 @@ class Method(ABC):
         """Extra parameters or cache entries needed at test time beyond the base CLIP."""
         return 0
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What `logits` needs beyond the frozen backbone, saved by `--save-adapter`.
+
+        The default is the method's public tensor attributes (enough for methods that keep plain
+        tensors, such as zero_shot and linear_probe); methods holding modules override this and
+        `load_state_tensors`.
+        """
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Make the method ready for `logits` from a `state_tensors()` dict, without `fit`."""
+        for key, value in tensors.items():
+            setattr(self, key, value)
+
 
 METHODS: Registry[type[Method]] = Registry("method", entry_point_group="fsbench.methods", base=Method)
 METHODS.add_loader(lambda: import_all("methods"))

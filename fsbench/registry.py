@@ -94,7 +94,11 @@ def load_plugin(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"plugin file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"fsbench_plugin_{path.stem}", path)
+    name = f"fsbench_plugin_{path.stem}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(loaded.__file__ or "").resolve() == path.resolve():
+        return  # already loaded in this process: its methods are registered
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -26,7 +26,9 @@ class Result:
 
     `top1` is a percentage on the full test split. `status` is "ok" or "failed" (then `error`
     says why and the metric fields are None). `config` is the method's resolved config and
-    `config_hash` the hash used to decide whether a finished run can be skipped.
+    `config_hash` the hash used to decide whether a finished run can be skipped. A variant run
+    (`fsbench ablate`) has its label as `method`, e.g. "lora@qv-r4-all-both", and the registered
+    method in `extra["base_method"]`.
     """
 
     method: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from fsbench.data.base import DatasetSplits, Item
 from fsbench.errors import DataError
 from fsbench.io import atomic_write_json
 
+log = logging.getLogger(__name__)
 MAX_VAL_SHOTS = 4  # CLIP-LoRA / CoOp: validation uses min(K, 4) shots per class
 
 
@@ -111,10 +113,62 @@ class SplitStore:
         """The persisted split if there is one, else a fresh draw that is then persisted."""
         path = self.path(data.name, shots, seed)
         if path.is_file():
+            # A readable file is used as it is, even hand-edited: results record the checksum of the
+            # files actually used. One that does not parse, or names files this dataset lacks, is
+            # drawn again (same seed and data, same result), never used.
             try:
-                return split_from_json(json.loads(path.read_text()), data, str(path))
-            except json.JSONDecodeError:
-                path.unlink(missing_ok=True)  # corrupt: draw again (same seed, same result)
+                return split_from_json(json.loads(path.read_text(encoding="utf-8")), data, str(path))
+            except (OSError, ValueError, RecursionError, DataError):
+                pass
+            log.warning("few-shot split file %s is corrupt or stale; drawing the split again", path)
+            path.unlink(missing_ok=True)
         split = draw_split(data, shots, seed, self.repeat)
-        atomic_write_json(path, split_to_json(split, data))
+        self.put(data, split)
         return split
+
+    def put(self, data: DatasetSplits, split: FewShotSplit) -> None:
+        """Persist `split` (atomically), replacing any earlier draw for its (dataset, K, seed)."""
+        atomic_write_json(self.path(data.name, split.shots, split.seed), split_to_json(split, data))
+
+
+SPLITS_FORMAT = "fsbench-splits/1"
+
+
+def write_splits_file(path: str | Path, entries: list[dict]) -> Path:
+    """Write `split_to_json` entries as one portable file (`fsbench data export-splits`)."""
+    return atomic_write_json(path, {"format": SPLITS_FORMAT, "splits": entries})
+
+
+def read_splits_file(path: str | Path) -> dict[tuple[str, int, int], dict]:
+    """The entries of a splits file keyed by (dataset, shots, seed); a one-line DataError if malformed."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"cannot read splits file {path} ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not a splits file: invalid JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != SPLITS_FORMAT or not isinstance(obj.get("splits"), list):
+        raise DataError(f'{path}: not a splits file (expected {{"format": "{SPLITS_FORMAT}", "splits": [...]}} '
+                        "as written by `fsbench data export-splits`)")
+    out: dict[tuple[str, int, int], dict] = {}
+    for i, e in enumerate(obj["splits"]):
+        if not (isinstance(e, dict) and isinstance(e.get("dataset"), str) and isinstance(e.get("checksum"), str)
+                and all(type(e.get(k)) is int for k in ("shots", "seed"))
+                and all(isinstance(e.get(k), list) for k in ("train", "val"))):
+            raise DataError(f"{path}: splits[{i}] is not a split (needs dataset, shots, seed, checksum, train, val)")
+        key = (e["dataset"], e["shots"], e["seed"])
+        if key in out:
+            raise DataError(f"{path}: splits[{i}] repeats dataset {key[0]} K={key[1]} seed={key[2]}")
+        out[key] = e
+    return out
+
+
+def split_from_entry(entry: dict, data: DatasetSplits, source: str) -> FewShotSplit:
+    """An imported split mapped onto the local `data`; its files and checksum must match."""
+    split = split_from_json(entry, data, source)
+    got = split.checksum(data)
+    if got != entry["checksum"]:
+        raise DataError(f"{source}: {data.name} K={split.shots} seed={split.seed} has checksum {got} here, "
+                        f"not {entry['checksum']} as exported (the file was edited?)")
+    return split

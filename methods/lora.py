@@ -28,9 +28,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from fsbench.attention import SplitAttention
+from fsbench.augment import device_batches, to_uint8_tensor
 from fsbench.errors import RunFailed
 from fsbench.images import augmented_batches
-from fsbench.method import FewShotData, Method, count_trainable, register_method, zero_shot_weights
+from fsbench.method import FewShotData, Method, count_trainable, register_method
+from fsbench.text import bucket_tokens, encode_buckets
 
 MATRICES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 POSITIONS = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top1", "top2", "top3")
@@ -54,6 +56,11 @@ class LoRAConfig:
     position: str = "all"  # see POSITIONS
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    # "device": images decoded once to uint8 tensors on the training device, crops drawn as
+    # torchvision does and resized there in batches (fsbench.augment); "pil": torchvision's PIL
+    # transforms on the CPU, one image at a time (the official code's path)
+    augment: str = "device"
+    text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -66,6 +73,10 @@ class LoRAConfig:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if not 0 <= self.dropout < 1 or self.batch_size < 1 or self.iters_per_shot < 1:
             raise ValueError("need 0 <= dropout < 1, batch_size >= 1 and iters_per_shot >= 1")
+        if self.augment not in ("device", "pil"):
+            raise ValueError(f"augment must be 'device' or 'pil', got {self.augment!r}")
+        if self.text_buckets < 1:
+            raise ValueError(f"text_buckets must be >= 1, got {self.text_buckets}")
 
 
 class LoRALinear(nn.Module):
@@ -137,6 +148,32 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[LoRALinear]:
     return layers
 
 
+def _effective(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) a projection applies, LoRA update included."""
+    if isinstance(linear, LoRALinear):
+        delta = 0 if linear.merged else linear.delta_weight()
+        return linear.base_layer.weight + delta, linear.base_layer.bias
+    return linear.weight, linear.bias
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of a LoRA-adapted CLIP in open_clip's own format, updates merged.
+
+    Each `SplitAttention` goes back to `nn.MultiheadAttention`'s `in_proj_weight`/`in_proj_bias`
+    and `out_proj`, so the result loads into a plain open_clip model (`--checkpoint`).
+    """
+    attn = {name: m for name, m in model.named_modules() if isinstance(m, SplitAttention)}
+    prefixes = tuple(f"{name}." for name in attn)
+    out = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for name, m in attn.items():
+        (wq, bq), (wk, bk), (wv, bv) = (_effective(getattr(m, p)) for p in ("q_proj", "k_proj", "v_proj"))
+        out[f"{name}.in_proj_weight"] = torch.cat([wq, wk, wv])
+        out[f"{name}.in_proj_bias"] = torch.cat([bq, bk, bv])
+        out[f"{name}.out_proj.weight"], out[f"{name}.out_proj.bias"] = _effective(m.out_proj)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
 def train_transform(image_size: int, mean, std, scale) -> transforms.Compose:
     """CLIP-LoRA's augmentation: RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
     return transforms.Compose([
@@ -158,33 +195,73 @@ class CLIPLoRA(Method):
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
-        self.model = copy.deepcopy(ctx.backbone.model)  # the shared frozen model stays untouched
-        self.layers = inject_lora(self.model, cfg)
-        self._frozen_text: torch.Tensor | None = None
-        params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+        self.prepare()
+        params = self.params
         total = cfg.iters_per_shot * ctx.shots
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.eta_min)
         scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
         self.model.train()
         batches = self._batches(train)
+        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
         for step in ctx.track(range(total), total, "train lora"):
-            images, labels = next(batches)
-            with ctx.autocast():
-                logits = self._logits(images.to(ctx.device, non_blocking=True), self._text())
-                loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
-            if not torch.isfinite(loss):
-                raise RunFailed(f"non-finite loss ({loss.item()}) at step {step + 1} of {total}")
+            loss = self.train_loss(*next(batches))
+            finite &= torch.isfinite(loss)  # checked every 50 steps: a check is a host-device sync
+            if ((step + 1) % 50 == 0 or step + 1 == total) and not finite:
+                raise RunFailed(f"non-finite loss in steps {step // 50 * 50 + 1}-{step + 1} of {total}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-        self.model.eval()
+        self.finish()
+
+    def prepare(self) -> None:
+        """Start of `fit`: copy the frozen model, add LoRA, tokenise the class prompts once."""
+        cfg, ctx = self.config, self.ctx
+        self.model = copy.deepcopy(ctx.backbone.model)  # the shared frozen model stays untouched
+        self.params = self.adapt(self.model)
+        self._frozen_text: torch.Tensor | None = None
+        prompts = [ctx.data.train_template.format(c) for c in ctx.classnames]
+        self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), cfg.text_buckets)
+
+    def adapt(self, model: nn.Module) -> list[nn.Parameter]:
+        """Inject the adapter into `model`; return the parameters to train (`peft` overrides this)."""
+        self.layers = inject_lora(model, self.config)
+        return [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+
+    def merge(self) -> None:
         for layer in self.layers:
             layer.merge()
-        with torch.no_grad(), ctx.autocast():
+
+    def finish(self) -> None:
+        """End of `fit`: evaluation mode, update merged into the weights, class texts encoded once."""
+        self.model.eval()
+        self.merge()
+        with torch.no_grad(), self.ctx.autocast():
             self.text = self._text().float()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors by module name (merging changes the base weights, not A and B)."""
+        return {f"{name}.{p}": getattr(m, p).detach() for name, m in self.model.named_modules()
+                if isinstance(m, LoRALinear) for p in ("lora_A", "lora_B")}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.prepare()
+        unexpected = self.model.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"not LoRA factors of this configuration: {unexpected[:3]}")
+        self.finish()
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """The adapted CLIP as open_clip weights (`fsbench.adapters.export_merged`)."""
+        return merged_state_dict(self.model)
+
+    def train_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of one batch against the (adapted) class texts, under the run's autocast."""
+        with self.ctx.autocast():
+            logits = self._logits(images.to(self.ctx.device, non_blocking=True), self._text())
+            return F.cross_entropy(logits.float(), labels.to(self.ctx.device))
 
     def _text(self) -> torch.Tensor:
         """Class embeddings with the single training template, through the (adapted) text tower."""
@@ -196,8 +273,7 @@ class CLIPLoRA(Method):
         return self._encode_classes()
 
     def _encode_classes(self) -> torch.Tensor:
-        return zero_shot_weights(self.ctx.backbone, self.ctx.classnames, [self.ctx.data.train_template],
-                                 self.ctx.device, self.model)
+        return F.normalize(encode_buckets(self.model, self._tokens, normalize=False).float(), dim=-1)
 
     def _logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.encoder != "text"):
@@ -205,10 +281,13 @@ class CLIPLoRA(Method):
         return self.config.logit_scale * feats @ text.float().T
 
     def _batches(self, train: FewShotData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bb = self.ctx.backbone
-        tf = train_transform(bb.image_size, bb.mean, bb.std, self.config.crop_scale)
-        return augmented_batches(train.items, train.image_root, tf, self.config.batch_size,
-                                 self.ctx.generator())
+        bb, cfg, ctx = self.ctx.backbone, self.config, self.ctx
+        if cfg.augment == "pil":
+            tf = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
+            return augmented_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator())
+        images = to_uint8_tensor(train.items, train.image_root, ctx.device)
+        return device_batches(images, train.labels, cfg.batch_size, bb.image_size, bb.mean, bb.std,
+                              cfg.crop_scale, ctx.generator(), ctx.generator(1))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits(x, self.text)

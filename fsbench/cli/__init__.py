@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from fsbench.cli import commands  # noqa: F401  (registers the sub-commands)
 from fsbench.cli.app import app, err_console
 from fsbench.errors import FsbenchError
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="fsbench", standalone_mode=True)
     except FsbenchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except SystemExit as exc:  # standalone mode always ends here, usage errors included
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

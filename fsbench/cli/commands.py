@@ -1,3 +1,3 @@
 """Imports every sub-command module so that each registers itself on the app."""
 
-from fsbench.cli import demo, ls, report, run  # noqa: F401
+from fsbench.cli import data, demo, ls, report, run, sweep  # noqa: F401

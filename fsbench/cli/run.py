@@ -29,7 +29,7 @@ def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrai
             for m, b, d, k, s in grid]
 
 
-def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
+def execute(cfg: BenchConfig, specs, force: bool, save_adapter: Path | None = None) -> list[Result]:
     """Run `specs` with progress bars, ordered so runs sharing a backbone and dataset are adjacent."""
     from fsbench.engine import Runner
 
@@ -41,7 +41,7 @@ def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
         for spec in specs:
             bars.update(overall, description=f"{spec.method} {spec.backbone} {spec.dataset} "
                                              f"K={spec.shots} seed={spec.seed}")
-            result, reused = runner.run(spec, force=force)
+            result, reused = runner.run(spec, force=force, save_adapter=str(save_adapter) if save_adapter else None)
             results.append(result)
             bars.advance(overall)
             if reused:
@@ -66,18 +66,23 @@ def run(
     device: str = Opt(None, help="auto | cpu | cuda | cuda:N."),
     workers: int = Opt(None, help="Image loader processes (default: one per core, max 8)."),
     allow_repeat: bool = Opt(None, "--allow-repeat", help="Sample with replacement in small classes."),
+    skip_bad_images: bool = Opt(None, "--skip-bad-images", help="Leave out undecodable images (counted)."),
+    splits: Path = Opt(None, "--splits", help="Few-shot splits file from `fsbench data export-splits`."),
     force: bool = Opt(False, "--force", help="Re-run even when a result with the same config exists."),
+    save_adapter: Path = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) "
+                             "under DIR/<backbone>/<dataset>/<method>/shots<K>_seed<S>/."),
     plugin: list[Path] = Opt(None, "--plugin", help="Python file registering extra methods."),
 ) -> None:
     """Run few-shot experiments and write one result JSON per run."""
     for p in plugin or []:
         load_plugin(p)
     cfg = load_config(config, set_, data_root=data_root, results=results, device=device,
-                      workers=workers, allow_repeat=allow_repeat)
+                      workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
+                      splits=splits)
     specs = expand(cfg, split_list(method), split_list(backbone), split_list(dataset),
                    int_list(shots, "--shots"), int_list(seed, "--seed"), pretrained, checkpoint)
     _validate_names(specs)
-    done = execute(cfg, specs, force)
+    done = execute(cfg, specs, force, save_adapter)
     console.print(results_table(done))
     console.print(f"results in {cfg.runtime.results}")
     failed = [r for r in done if r.status != "ok"]

@@ -99,7 +99,7 @@ def read_split_file(path: Path, name: str) -> tuple[list[str], dict[str, list[It
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
         raise bad(f"not readable as JSON ({e})") from e
     if not isinstance(data, dict) or any(s not in data for s in SPLITS):
         raise bad('expected an object {"train": [...], "val": [...], "test": [...]}')
@@ -122,8 +122,8 @@ def _parse_entries(
         if not (isinstance(entry, list) and len(entry) == 3):
             raise bad(f"{split}[{i}] is {entry!r}, not [relpath, label, classname]")
         relpath, label, classname = entry
-        if not isinstance(relpath, str) or not relpath or os.path.isabs(relpath):
-            raise bad(f"{split}[{i}]: path {relpath!r} is not a relative path")
+        if not isinstance(relpath, str) or not relpath or os.path.isabs(relpath) or not _inside(relpath):
+            raise bad(f"{split}[{i}]: path {relpath!r} is not a relative path inside the image folder")
         if type(label) is not int:
             raise bad(f"{split}[{i}]: label {label!r} is not an int")
         if not isinstance(classname, str):
@@ -132,6 +132,15 @@ def _parse_entries(
             raise bad(f"{split}[{i}]: label {label} is {classname!r} here but {names[label]!r} before")
         items.append(Item(relpath, label))
     return items
+
+
+def _inside(relpath: str) -> bool:
+    """A path that stays inside the image folder and can be a file name (no "..", NUL or lone surrogate)."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in relpath and ".." not in relpath.replace("\\", "/").split("/")
 
 
 def _register(spec: CoopLayout) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fsbench.report.style import rc_context, shared_legend
-from fsbench.report.tables import ABLATION_KEYS, clean
+from fsbench.report.tables import ABLATION_KEYS, clean, is_ablation_variant
 
 PAPER_DEFAULTS = {"matrices": "qkv", "rank": 2, "position": "all", "encoder": "both"}
 POSITIONS = ["bottom", "mid", "up", "half-up", "half-bottom", "all"]
@@ -34,6 +34,9 @@ def ablation_frame(df: pd.DataFrame, shots: int = 4) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     ok = ok[(ok["shots"] == shots) & ok["config"].map(lambda c: isinstance(c, dict)
                                                        and all(k in c for k in ABLATION_KEYS))]
+    variant = ok.apply(lambda r: is_ablation_variant(r["method"], r["config"], r["extra"]), axis=1)
+    if len(ok) and variant.any():  # an ablation sweep exists: don't count plain `lora` runs twice
+        ok = ok[variant.astype(bool)]
     rows = [{"backbone": r.backbone, "dataset": r.dataset, "seed": r.seed, "top1": r.top1,
              "matrices": matrices_key(r.config["matrices"]), "rank": int(r.config["rank"]),
              "position": str(r.config["position"]), "encoder": str(r.config["encoder"])}

@@ -65,10 +65,11 @@ def clean(df: pd.DataFrame) -> pd.DataFrame:
 def is_ablation_variant(method: str, config, extra) -> bool:
     """A LoRA ablation run stored under its own label (Figure 3 only, not a main-table row).
 
-    True when `extra["ablation"]` is set, or when the config has all of matrices, rank,
-    position and encoder and the method is neither "lora" nor another known method.
+    True when `extra["ablation"]` or `extra["base_method"]` (a labelled sweep variant) is set, or
+    when the config has all of matrices, rank, position and encoder and the method is neither
+    "lora" nor another known method.
     """
-    if isinstance(extra, dict) and extra.get("ablation"):
+    if isinstance(extra, dict) and (extra.get("ablation") or extra.get("base_method")):
         return True
     has_keys = isinstance(config, dict) and all(k in config for k in ABLATION_KEYS)
     return has_keys and method not in METHODS

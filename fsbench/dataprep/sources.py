@@ -1,0 +1,180 @@
+"""The one data table of `fsbench data`: where each dataset's files come from, their checksums,
+and the split sizes a correct copy must have.
+
+Sources, per column:
+- URLs and md5s of image archives: torchvision 0.29's dataset downloaders
+  (torchvision/datasets/{caltech,oxford_iiit_pet,flowers102,food101,fgvc_aircraft,sun397,dtd,
+  eurosat}.py), which moved Caltech101 to data.caltech.edu and EuroSAT to Hugging Face after
+  the original hosts went away. FGVC-Aircraft has no published checksum (torchvision passes none).
+- Google Drive ids of CoOp's `split_zhou_*.json`, ImageNet's `classnames.txt` and UCF101's
+  mid-frames zip: KaiyangZhou/CoOp DATASETS.md. No checksums are published for them; a split
+  file is checked by parsing it with fsbench's reader instead.
+- Expected train/val/test sizes: the dataset table of CoOp (Zhou et al., "Learning to Prompt
+  for Vision-Language Models", IJCV 2022), which CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024)
+  evaluates on unchanged. ImageNet: 1,281,167 train images (the official train set, which our
+  reader splits 90/10 into train and val) and the 50,000 official val images as test.
+- Manual steps: Stanford Cars' official links are dead (KaiyangZhou/CoOp issue 61,
+  pytorch/vision issue 7545); ImageNet needs an account at image-net.org.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Google Drive's download endpoint; a module constant so tests can point it at a local server.
+DRIVE_URL = "https://drive.google.com/uc"
+
+
+@dataclass(frozen=True)
+class Download:
+    """One file to fetch.
+
+    Attributes:
+        filename: the file's name on disk (archives are deleted after extraction).
+        url: an http(s) URL; empty when `drive_id` is set.
+        drive_id: a Google Drive file id (fetched through `DRIVE_URL` with the confirm step).
+        md5, sha256: published checksums, None when none is published.
+        save_to: folder under the data root the file is saved in (plain files), or the folder
+            an archive is extracted into.
+        extract: whether the file is a tar/zip archive to extract.
+        inner: archives inside the extracted tree (paths relative to the data root) to extract
+            in place and then delete, e.g. Caltech101's zip holding a tar.gz.
+    """
+
+    filename: str
+    url: str = ""
+    drive_id: str = ""
+    md5: str | None = None
+    sha256: str | None = None
+    save_to: str = ""
+    extract: bool = False
+    inner: tuple[str, ...] = ()
+
+    def resolved_url(self) -> str:
+        return f"{DRIVE_URL}?export=download&id={self.drive_id}" if self.drive_id else self.url
+
+    def checksum(self) -> tuple[str, str] | None:
+        """(algorithm, hex digest) of the strongest published checksum, or None."""
+        if self.sha256:
+            return "sha256", self.sha256
+        return ("md5", self.md5) if self.md5 else None
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """How to obtain one dataset, and what a complete copy holds.
+
+    Attributes:
+        name: registry name.
+        downloads: files fetched automatically, in order.
+        moves: (from, to) renames under the data root after extraction; the archive's top
+            folder that held `from` is then deleted (CoOp: "keep only data/").
+        manual: steps a person must do (empty when `fsbench data prepare` does everything).
+        expected: (train, val, test) image counts of the standard split.
+        classes: number of classes of the standard split.
+    """
+
+    name: str
+    downloads: tuple[Download, ...]
+    expected: tuple[int, int, int]
+    classes: int
+    moves: tuple[tuple[str, str], ...] = ()
+    manual: str = ""
+
+
+def _split(name: str, folder: str, drive_id: str) -> Download:
+    return Download(f"split_zhou_{name}.json", drive_id=drive_id, save_to=folder)
+
+
+VGG = "https://www.robots.ox.ac.uk/~vgg/data"
+
+SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
+    DatasetSource(
+        "imagenet",
+        (Download("classnames.txt", drive_id="1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF", save_to="imagenet"),),
+        expected=(1_281_167, 0, 50_000), classes=1000,
+        manual=(
+            "ImageNet needs an account: sign in at https://image-net.org/download-images.php, download "
+            "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, and extract them so that "
+            "{root}/imagenet/images/train/<wnid>/*.JPEG and {root}/imagenet/images/val/<wnid>/*.JPEG exist "
+            "(the val images must be sorted into wnid folders, e.g. with the valprep.sh script of "
+            "soumith/imagenetloader.torch). classnames.txt is fetched by this command."
+        ),
+    ),
+    DatasetSource(
+        "caltech101",
+        (Download("caltech-101.zip", url="https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+                  md5="3138e1922a9193bfa496528edbbc45d0", extract=True,
+                  inner=("caltech-101/101_ObjectCategories.tar.gz",)),
+         _split("Caltech101", "caltech-101", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN")),
+        expected=(4_128, 1_649, 2_465), classes=100,
+    ),
+    DatasetSource(
+        "oxford_pets",
+        (Download("images.tar.gz", url=f"{VGG}/pets/data/images.tar.gz",
+                  md5="5c4f3ee8e5d25df40f4fd59a7f44e54c", save_to="oxford_pets", extract=True),
+         _split("OxfordPets", "oxford_pets", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs")),
+        expected=(2_944, 736, 3_669), classes=37,
+    ),
+    DatasetSource(
+        "stanford_cars",
+        (_split("StanfordCars", "stanford_cars", "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT"),),
+        expected=(6_509, 1_635, 8_041), classes=196,
+        manual=(
+            "Stanford Cars' official links (ai.stanford.edu/~jkrause/car196) are dead (KaiyangZhou/CoOp "
+            "issue 61, pytorch/vision issue 7545). Get cars_train/ and cars_test/ from a mirror you trust "
+            "(e.g. the Kaggle copy named in those issues) and put them in {root}/stanford_cars/ so that "
+            "{root}/stanford_cars/cars_train/00001.jpg exists. The split file is fetched by this command."
+        ),
+    ),
+    DatasetSource(
+        "oxford_flowers",
+        (Download("102flowers.tgz", url=f"{VGG}/flowers/102/102flowers.tgz",
+                  md5="52808999861908f626f3c1f4e79d11fa", save_to="oxford_flowers", extract=True),
+         _split("OxfordFlowers", "oxford_flowers", "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT")),
+        expected=(4_093, 1_633, 2_463), classes=102,
+    ),
+    DatasetSource(
+        "food101",
+        (Download("food-101.tar.gz", url="http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
+                  md5="85eeb15f3717b99a5da872d97d918f87", extract=True),
+         _split("Food101", "food-101", "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl")),
+        expected=(50_500, 20_200, 30_300), classes=101,
+    ),
+    DatasetSource(
+        "fgvc_aircraft",
+        (Download("fgvc-aircraft-2013b.tar.gz", url=f"{VGG}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                  extract=True),),
+        expected=(3_334, 3_333, 3_333), classes=100,
+        moves=(("fgvc-aircraft-2013b/data", "fgvc_aircraft"),),
+    ),
+    DatasetSource(
+        "sun397",
+        (Download("SUN397.tar.gz", url="http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
+                  md5="8ca2778205c41d23104230ba66911c7a", save_to="sun397", extract=True),
+         _split("SUN397", "sun397", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq")),
+        expected=(15_880, 3_970, 19_850), classes=397,
+    ),
+    DatasetSource(
+        "dtd",
+        (Download("dtd-r1.0.1.tar.gz", url=f"{VGG}/dtd/download/dtd-r1.0.1.tar.gz",
+                  md5="fff73e5086ae6bdbea199a49dfb8a4c1", extract=True),
+         _split("DescribableTextures", "dtd", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x")),
+        expected=(2_820, 1_128, 1_692), classes=47,
+    ),
+    DatasetSource(
+        "eurosat",
+        (Download("EuroSAT.zip", url="https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+                                     "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",
+                  md5="c8fa014336c82ac7804f0398fcb19387", save_to="eurosat", extract=True),
+         _split("EuroSAT", "eurosat", "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o")),
+        expected=(13_500, 5_400, 8_100), classes=10,
+    ),
+    DatasetSource(
+        "ucf101",
+        (Download("UCF-101-midframes.zip", drive_id="10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O", save_to="ucf101",
+                  extract=True),
+         _split("UCF101", "ucf101", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y")),
+        expected=(7_639, 1_898, 3_783), classes=101,
+    ),
+)}
