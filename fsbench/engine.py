@@ -81,10 +81,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent, exact (integer count of hits over the number of samples)."""
     if len(labels) == 0:
         return float("nan")
-    return (logits.argmax(dim=-1).cpu() == labels.cpu()).float().mean().item() * 100.0
+    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
+    return 100.0 * hits / len(labels)
 
 
 def config_hash(method: str, config: Any, spec: RunSpec) -> str:

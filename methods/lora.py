@@ -58,8 +58,9 @@ class LoRAConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     # "device": images decoded once to uint8 tensors on the training device, crops drawn as
     # torchvision does and resized there in batches (fsbench.augment); "pil": torchvision's PIL
-    # transforms on the CPU, one image at a time (the official code's path)
-    augment: str = "device"
+    # transforms on the CPU, one image at a time (the official code's path); "auto": "device"
+    # on CUDA, "pil" on CPU (where per-image PIL crops of small images are the faster path)
+    augment: str = "auto"
     text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
 
     def __post_init__(self) -> None:
@@ -73,8 +74,8 @@ class LoRAConfig:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if not 0 <= self.dropout < 1 or self.batch_size < 1 or self.iters_per_shot < 1:
             raise ValueError("need 0 <= dropout < 1, batch_size >= 1 and iters_per_shot >= 1")
-        if self.augment not in ("device", "pil"):
-            raise ValueError(f"augment must be 'device' or 'pil', got {self.augment!r}")
+        if self.augment not in ("auto", "device", "pil"):
+            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         if self.text_buckets < 1:
             raise ValueError(f"text_buckets must be >= 1, got {self.text_buckets}")
 
@@ -282,7 +283,7 @@ class CLIPLoRA(Method):
 
     def _batches(self, train: FewShotData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bb, cfg, ctx = self.ctx.backbone, self.config, self.ctx
-        if cfg.augment == "pil":
+        if cfg.augment == "pil" or (cfg.augment == "auto" and ctx.device.type != "cuda"):
             tf = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
             return augmented_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator())
         images = to_uint8_tensor(train.items, train.image_root, ctx.device)
