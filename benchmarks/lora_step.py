@@ -47,13 +47,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch", type=int, help="images per step (default 32 on GPU, 8 on CPU)")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default 20 on GPU, 1 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed steps per repeat (default 3 on GPU, 0 on CPU)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps per repeat (default 3 on GPU, 0 on CPU); the first counts FLOPs")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--augment", default="device", choices=["device", "pil"], help="fsbench's augmentation")
     p.add_argument("--text-buckets", type=int, default=4, help="fsbench's prompt length groups")
     p.add_argument("--ref-text-chunk", type=int,
                    help="reference text side in chunks of N classes, same work (default: 0 = whole on GPU, "
-                        "100 on CPU, where the 1,000-class fp32 graph needs about 45 GB)")
+                        "100 on CPU, where the 1,000-class fp32 graph needs about 60 GB)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     args = p.parse_args()
     gpu = device_arg(args.device).type == "cuda"
@@ -101,7 +102,7 @@ def main() -> None:
     spec = BackboneSpec(args.backbone, pretrained="none")
     backbone = build_backbone(spec, device)
     ref = reference_model(spec, LoRAConfig(), device)
-    count = device.type == "cuda" and args.warmup > 0
+    count = args.warmup > 0  # FLOPs of the first warm-up step (FlopCounterMode)
     fast_t, ref_t, flops = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data, train = imagenet_like(Path(tmp), max(64, 2 * args.batch), args.classes)

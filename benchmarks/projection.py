@@ -113,8 +113,12 @@ def main() -> None:
     print(line("fsbench", fast_step, TRAIN_IMAGES * decode_s, fast_test))
     print(line("reference", ref_step, 0.0, ref_test))
     budget = (300 - TRAIN_IMAGES * decode_s - fast_test) / STEPS
-    print(f"under 5 min needs fsbench steps of at most {budget * 1000:.1f} ms here "
-          f"(measured {fast_step * 1000:.1f} ms)")
+    if budget > 0:
+        print(f"under 5 min needs fsbench steps of at most {budget * 1000:.1f} ms here "
+              f"(measured {fast_step * 1000:.1f} ms)")
+    else:
+        print("under 5 min is out of reach here: decoding and test encoding alone take "
+              f"{(TRAIN_IMAGES * decode_s + fast_test) / 60:.1f} min")
     fast_total = STEPS * fast_step + TRAIN_IMAGES * decode_s + fast_test
     print(speedup_line((STEPS * ref_step + ref_test) / fast_total))
 

@@ -14,7 +14,7 @@ Mirrors github.com/MaxZanella/CLIP-LoRA (`loralib/layers.py`: `LinearLoRA`,
 
 `text_chunk` (timing only): run the text side in class chunks, each with its own softmax over
 its classes. Every prompt and image still goes forward and backward exactly once, so the step
-does the same work in a fraction of the memory; the official 1,000-class graph (about 45 GB in
+does the same work in a fraction of the memory; the official 1,000-class graph (about 60 GB in
 fp32) does not fit a 24 GiB CPU host. Losses with chunks are not the official loss.
 """
 

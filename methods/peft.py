@@ -79,7 +79,7 @@ class PeftConfig:
     eta_min: float = 1e-6
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    augment: str = "device"  # see LoRAConfig.augment
+    augment: str = "auto"  # see LoRAConfig.augment
     text_buckets: int = 4  # see LoRAConfig.text_buckets
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class PeftConfig:
             raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
         if self.batch_size < 1 or self.iters_per_shot < 1 or self.text_buckets < 1:
             raise ValueError("need batch_size >= 1, iters_per_shot >= 1 and text_buckets >= 1")
-        if self.augment not in ("device", "pil"):
-            raise ValueError(f"augment must be 'device' or 'pil', got {self.augment!r}")
+        if self.augment not in ("auto", "device", "pil"):
+            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         build_peft_config(self.config)
 
 
