@@ -50,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int,
                    help="untimed steps per repeat (default 3 on GPU, 0 on CPU); the first counts FLOPs")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--augment", default="device", choices=["device", "pil"], help="fsbench's augmentation")
+    p.add_argument("--augment", default="device", choices=["device", "pil", "auto"],
+                   help="fsbench's augmentation (LoRAConfig.augment; its default 'auto' is 'pil' on CPU)")
     p.add_argument("--text-buckets", type=int, default=4, help="fsbench's prompt length groups")
     p.add_argument("--ref-text-chunk", type=int,
                    help="reference text side in chunks of N classes, same work (default: 0 = whole on GPU, "

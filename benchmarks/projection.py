@@ -8,8 +8,9 @@ batch 32, each re-encoding the 1,000 class prompts through the adapted text towe
 50,000 test images. Measured here, on this machine: the step time of both paths (1,000
 classes, batch 32, the real ViT-B/16 architecture with random weights), the eval throughput of
 both models (LoRA merged), the decode + preprocess rate of ImageNet-sized JPEGs per core, and
-fsbench's one-off decoding of the 16,000 training images. Projected = 8,000 x step + decoding
-+ test encoding; the last line is reference / fsbench.
+fsbench's one-off decoding of the 16,000 training images. fsbench runs its default LoRA
+config (`augment="auto"`: on the device on CUDA, PIL on CPU). Projected = 8,000 x step +
+decoding + test encoding; the last line is reference / fsbench.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class Runtime:
     allow_repeat: bool = False  # CoOp's fallback: sample shots with replacement in small classes
     skip_bad_images: bool = False  # leave undecodable image files out (counted in each result)
     splits: str = ""  # few-shot splits file from `fsbench data export-splits`, used instead of local draws
+    save_adapters: str = ""  # folder for what each run learned (`--save-adapter DIR`); "" = not saved
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):

@@ -168,8 +168,10 @@ class Runner:
 
         `RunFailed` and out-of-memory are recorded as a failed result; with `record_errors` (sweeps)
         so is any other exception: its type and first line, the traceback in `extra["traceback"]`.
-        `save_adapter` (a directory) saves what the method learned after `fit` (`fsbench.adapters`).
+        `save_adapter` (a directory; default `runtime.save_adapters`) saves what the method learned
+        after `fit` (`fsbench.adapters`); a stored result without its adapter is re-run.
         """
+        save_adapter = save_adapter or self.cfg.runtime.save_adapters
         adapter = adapters.adapter_dir(save_adapter, spec) if save_adapter else None
         reusable = not force and (adapter is None or adapters.is_saved(adapter))  # re-run to save a missing adapter
         if reusable and (old := self.existing(spec)) is not None:
@@ -262,9 +264,8 @@ class Runner:
             labels = torch.tensor([it.label for it in items], dtype=torch.long)
             feats = None
             if cls.input_kind == "features":
-                feats = self.features.split(backbone, data, name, self._progress(f"encode {name}")).x
-                feats = feats[torch.as_tensor(index, dtype=torch.long)]
-            out.append(FewShotData(items, labels, data.image_root, feats))
+                feats = self.features.split(backbone, data, name, index, self._progress(f"encode {name}")).x
+            out.append(FewShotData(items, labels, data.image_root, feats, tuple(index)))
         return out[0], out[1]
 
     @torch.no_grad()
@@ -273,7 +274,7 @@ class Runner:
         """Logits on the full test split: cached features, or images through the method."""
         bs = self.cfg.runtime.eval_batch_size
         if method.input_kind == "features":
-            feats = self.features.split(backbone, data, "test", self._progress("encode test"))
+            feats = self.features.split(backbone, data, "test", progress=self._progress("encode test"))
             chunks = [method.logits(feats.x[i:i + bs].to(self.device)).float().cpu()
                       for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y
@@ -292,13 +293,16 @@ class Runner:
 
 
 def ensure_writable(folder: str, flag: str) -> None:
-    """Fail before any work when `folder` cannot take new files (a file in the way, no permission)."""
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{folder} is a file, not a folder; remove it or choose another folder with {flag}")
+    """Fail before any work when `folder` cannot take new files (a file in the way, no permission).
+
+    Creates nothing: a missing folder is checked through its nearest existing parent, and made
+    when the first file is written into it."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, not a folder; remove it or choose another folder with {flag}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".fsbench-write-test-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".fsbench-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

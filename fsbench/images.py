@@ -92,17 +92,43 @@ def drop_bad_images(data: DatasetSplits, cache_dir: str | Path,
 
 
 class ImageItems(Dataset):
-    """`(transform(image), label)` pairs for a list of items under `root`."""
+    """`(transform(image), label)` pairs for a list of items under `root`; with `seeds`, item
+    i's random transform draws from torch's RNG seeded with `seeds[i]` (the global state is
+    restored afterwards)."""
 
-    def __init__(self, items: Sequence[Item], root: Path, transform: Callable):
+    def __init__(self, items: Sequence[Item], root: Path, transform: Callable, seeds: Sequence[int] | None = None):
         self.items, self.root, self.transform = list(items), Path(root), transform
+        self.seeds = None if seeds is None else list(seeds)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         it = self.items[i]
-        return self.transform(load_image(self.root / it.path)), it.label
+        image = load_image(self.root / it.path)
+        if self.seeds is None:
+            return self.transform(image), it.label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            return self.transform(image), it.label
+
+
+class Views:
+    """`views` independent draws of a random `transform` of one image, stacked (V, 3, H, W)."""
+
+    def __init__(self, transform: Callable, views: int):
+        self.transform, self.views = transform, views
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.views)])
+
+    def __repr__(self) -> str:
+        return f"Views({self.views}, {self.transform!r})"
+
+
+def item_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` (e.g. a base seed, a view number and an image path)."""
+    return int(hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 def default_workers() -> int:
@@ -113,11 +139,13 @@ def default_workers() -> int:
 
 def image_loader(items: Sequence[Item], root: Path, transform: Callable, batch_size: int,
                  device: torch.device, shuffle: bool = False, generator: torch.Generator | None = None,
-                 workers: int | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over `items` (pinned memory on CUDA; seeded shuffling via `generator`)."""
+                 workers: int | None = None, drop_last: bool = False,
+                 seeds: Sequence[int] | None = None) -> DataLoader:
+    """A DataLoader over `items` (pinned memory on CUDA; seeded shuffling via `generator`;
+    per-item transform seeds via `seeds`)."""
     workers = default_workers() if workers is None else workers
     return DataLoader(
-        ImageItems(items, root, transform), batch_size=batch_size, shuffle=shuffle,
+        ImageItems(items, root, transform, seeds), batch_size=batch_size, shuffle=shuffle,
         generator=generator, num_workers=workers, pin_memory=device.type == "cuda",
         drop_last=drop_last, persistent_workers=False,
     )

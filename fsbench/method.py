@@ -32,13 +32,15 @@ class FewShotData:
 
     `features` holds the cached, L2-normalised frozen image features (for methods whose
     `input_kind` is "features"; None otherwise). `items` and `image_root` locate the images,
-    for methods that train on pixels or need augmented views.
+    for methods that train on pixels or need augmented views; `index` holds the items'
+    positions in their dataset split, for caching per-image work across runs.
     """
 
     items: list[Item]
     labels: torch.Tensor
     image_root: Path
     features: torch.Tensor | None = None
+    index: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -81,6 +81,14 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._items)
 
+    def aliases(self) -> dict[str, list[str]]:
+        """{first registered name: the other names of the same object}, sorted by name."""
+        self._load()
+        groups: dict[int, list[str]] = {}
+        for name, obj in self._items.items():  # registration order: the first name is the main one
+            groups.setdefault(id(obj), []).append(name)
+        return dict(sorted((names[0], sorted(names[1:])) for names in groups.values()))
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name.lower() in self._items

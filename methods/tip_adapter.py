@@ -14,12 +14,14 @@ Deviations: the official code searches alpha and beta on the dataset's whole val
 (main.py), and on the TEST set for ImageNet (main_imagenet.py); we search on the few-shot
 validation set (min(K, 4) shots per class) only, and never look at test data. The cache keys
 average L2-normalised view features (the feature cache stores normalised features); the
-official code averages raw features.
+official code averages raw features. The official code draws the views from torch's RNG
+seeded with 1 in its single run; here each image's views are drawn from an RNG seeded by
+(`view_seed`, default 1, and the image's path), so they do not depend on the run's seed or on
+which other images were drawn, and are encoded once per grid.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 
 from fsbench.backbones import Backbone
 from fsbench.features import Features
+from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
 
 # dataset -> (init_alpha, init_beta, search_scale [beta, alpha]). From the official configs/*.yaml
@@ -60,6 +63,7 @@ class TipAdapterConfig:
     search_step: list[int] = field(default_factory=lambda: [200, 20])  # grid points [beta, alpha]
     init_alpha: float | None = None  # used without search; None = OFFICIAL[dataset]
     init_beta: float | None = None
+    view_seed: int = 1  # seeds the views' crops and flips (the official main.py seeds torch with 1)
 
     def __post_init__(self) -> None:
         if self.augment_views < 1 or len(self.search_step) != 2 or min(self.search_step) < 1:
@@ -108,20 +112,23 @@ def augment_transform(backbone: Backbone, scale: list[float]) -> transforms.Comp
     ])
 
 
-def augmented_views(ctx: Context, train: FewShotData, views: int, scale: list[float]) -> torch.Tensor:
+def augmented_views(ctx: Context, train: FewShotData, views: int, scale: list[float],
+                    view_seed: int) -> torch.Tensor:
     """(views, N, D) normalised features of `views` augmented copies of the train images.
 
-    Encoded once through the runner's feature cache under a tag naming the view count, the
-    seed and the items, so Tip-Adapter and Tip-Adapter-F share one encoding per (shots, seed).
+    Each image's views come from an RNG seeded by (`view_seed`, image path), so an image has
+    the same views in every run that draws it; they go through the runner's feature cache, so
+    a whole shots x seeds grid of Tip-Adapter and Tip-Adapter-F encodes each image's views once.
     """
-    digest = hashlib.sha256("\n".join(f"{it.path}\t{it.label}" for it in train.items).encode()).hexdigest()[:16]
-    tag = f"augmented-views{views}-seed{ctx.seed}-items{digest}"
-    tf = augment_transform(ctx.backbone, scale)
-    with torch.random.fork_rng(devices=[]):  # crops drawn from the run's seed, not the run's RNG state
-        torch.manual_seed(ctx.seed)
-        feats: Features = ctx.services["features"].items(ctx.backbone, ctx.data, "train", list(train.items) * views,
-                                                         tf, tag=tag)
-    return feats.x.view(views, len(train), -1)
+    index = train.index
+    if index is None:  # a FewShotData built by hand: find the items' positions in the split
+        where = {(it.path, it.label): i for i, it in enumerate(ctx.data.train)}
+        index = tuple(where[(it.path, it.label)] for it in train.items)
+    tf = Views(augment_transform(ctx.backbone, scale), views)
+    feats: Features = ctx.services["features"].items(
+        ctx.backbone, ctx.data, "train", tf, index, tag=f"tip-adapter-views-seed{view_seed}",
+        seed=lambda it: item_seed(view_seed, it.path))
+    return feats.x.transpose(0, 1)
 
 
 @register_method("tip_adapter")
@@ -141,7 +148,7 @@ class TipAdapter(Method):
         """Set keys, values, the zero-shot classifier and the initial alpha, beta; return the
         (views, N, D) augmented train features."""
         cfg, dev = self.config, self.ctx.device
-        views = augmented_views(self.ctx, train, cfg.augment_views, cfg.crop_scale).to(dev)
+        views = augmented_views(self.ctx, train, cfg.augment_views, cfg.crop_scale, cfg.view_seed).to(dev)
         self.keys = F.normalize(views.mean(0), dim=-1)
         self.values = F.one_hot(train.labels, self.ctx.num_classes).float().to(dev)
         self.text = self.ctx.text_weights().to(dev)

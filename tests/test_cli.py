@@ -98,4 +98,9 @@ def test_ls_lists_registered_names(capsys):
     out = capsys.readouterr().out
     assert "lora" in out and "zero_shot" in out and "Zanella" in out
     assert main(["ls", "backbones"]) == 0 and "test-tiny" in capsys.readouterr().out
+    assert main(["ls", "datasets"]) == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in capsys.readouterr().out.splitlines() if line.count("│") == 3}
+    assert rows["fgvc_aircraft"] == "aircraft, fgvc" and "aircraft" not in rows  # aliases on their main row
+    assert len(rows) == 13 and rows["imagenet"] == ""  # the 11 datasets + imagefolder + synthetic
     assert main(["ls", "nonsense"]) == 2

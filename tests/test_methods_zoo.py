@@ -65,7 +65,7 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(runner, tiny, synthetic):
 def test_tip_adapter_cache_is_the_mean_of_the_augmented_views(runner, tiny, synthetic):
     method, train, val = setup("tip_adapter", runner, tiny, synthetic, augment_views=3)
     method.fit(train, val)
-    views = tip_adapter.augmented_views(method.ctx, train, 3, [0.5, 1.0])
+    views = tip_adapter.augmented_views(method.ctx, train, 3, [0.5, 1.0], view_seed=1)
     assert views.shape == (3, len(train), tiny.embed_dim)
     assert not torch.allclose(views[0], views[1])  # different random crops
     torch.testing.assert_close(method.keys, F.normalize(views.mean(0), dim=-1))
@@ -79,9 +79,9 @@ class SpyCache(FeatureCache):
         super().__init__(inner.root.parent, inner.device, inner.batch_size, inner.workers)
         self.splits: list[str] = []
 
-    def items(self, backbone, data, split, items, transform, tag="", progress=None):
+    def items(self, backbone, data, split, transform, index=None, tag="", seed=None, progress=None):
         self.splits.append(split)
-        return super().items(backbone, data, split, items, transform, tag, progress)
+        return super().items(backbone, data, split, transform, index, tag, seed, progress)
 
 
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
@@ -113,13 +113,52 @@ def test_search_grid_is_the_official_one_and_first_best_wins():
     assert (alpha, beta) == (2.0, 0.5)  # first (beta, alpha) whose alpha > 1 flips the prediction
 
 
-def test_tip_adapter_views_are_encoded_once_per_shots_and_seed(runner, tiny, synthetic):
-    before = runner.features.encodes
+def test_tip_adapter_views_are_encoded_once_per_image(tmp_path, synthetic_root, tiny, synthetic):
+    """Tip-Adapter and -F share the cached views; a later draw encodes only its new images, and
+    an image's views are the same whichever run encoded them."""
+    rt = Runtime(data_root=str(synthetic_root), results=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"),
+                 device="cpu", workers=0)
+    runner = Runner(BenchConfig(runtime=rt))
     quick = {"augment_views": 2, "search_step": [20, 5]}
-    for name, overrides in (("tip_adapter", quick), ("tip_adapter_f", {**quick, "epochs": 1}), ("tip_adapter", quick)):
-        method, train, val = setup(name, runner, tiny, synthetic, shots=4, **overrides)
-        method.fit(train, val)
-    assert runner.features.encodes - before == 1
+    views = {}
+    for name, shots, seed, overrides in (("tip_adapter", 2, 1, quick), ("tip_adapter_f", 2, 1, {**quick, "epochs": 1}),
+                                         ("tip_adapter", 4, 2, quick)):
+        split = runner.splits.get(synthetic, shots, seed)
+        cls = METHODS.get(name)
+        train, val = runner.fewshot(cls, tiny, synthetic, split)
+        before = runner.features.encoded_images
+        method = cls(method_config(cls, overrides), Context(tiny, synthetic, CPU, seed, shots,
+                                                            services={"features": runner.features}))
+        new = set(split.train) - views.keys()
+        got = tip_adapter.augmented_views(method.ctx, train, 2, [0.5, 1.0], view_seed=1)
+        assert runner.features.encoded_images - before == 2 * len(new)
+        for j, i in enumerate(split.train):
+            if i in views:
+                torch.testing.assert_close(got[:, j], views[i], rtol=0, atol=0)
+            views[i] = got[:, j]
+    # encoded from scratch in another cache, in another order: the same views
+    fresh = FeatureCache(tmp_path / "other", CPU, workers=0)
+    order = sorted(views, reverse=True)
+    tf = tip_adapter.Views(tip_adapter.augment_transform(tiny, [0.5, 1.0]), 2)
+    again = fresh.items(tiny, synthetic, "train", tf, order, tag="x",
+                        seed=lambda it: tip_adapter.item_seed(1, it.path)).x
+    for j, i in enumerate(order):
+        torch.testing.assert_close(again[j], views[i], rtol=1e-5, atol=1e-6)
+
+
+def test_feature_cache_encodes_only_missing_rows(tmp_path, tiny, synthetic):
+    cache = FeatureCache(tmp_path, CPU, batch_size=7, workers=0)
+    whole = FeatureCache(tmp_path / "whole", CPU, workers=0).split(tiny, synthetic, "train")
+    a = cache.split(tiny, synthetic, "train", [5, 3, 9])
+    assert cache.encoded_images == 3
+    b = cache.split(tiny, synthetic, "train", [9, 1, 5, 120])
+    assert cache.encoded_images == 5 and cache.encodes == 2
+    torch.testing.assert_close(a.x, whole.x[[5, 3, 9]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.x, whole.x[[9, 1, 5, 120]], rtol=1e-5, atol=1e-6)
+    assert torch.equal(b.y, whole.y[[9, 1, 5, 120]])
+    reopened = FeatureCache(tmp_path, CPU, workers=0)  # from disk, nothing encoded
+    assert torch.equal(reopened.split(tiny, synthetic, "train", [120, 3]).x, torch.cat([b.x[3:], a.x[1:2]]))
+    assert reopened.encoded_images == 0
 
 
 def test_coop_learns_only_n_ctx_context_vectors(runner, tiny, synthetic):
@@ -314,8 +353,8 @@ QUICK = {"linear_probe.max_iter": 10, "linear_probe.weight_decays": "[0.01]", "t
 
 @pytest.mark.slow
 def test_frozen_encoder_methods_encode_each_image_once(tmp_path, synthetic_root):
-    """All frozen-encoder methods x 5 shot counts x 3 seeds: train/val/test encoded once, and the
-    augmented views once per (shots, seed), shared by tip_adapter and tip_adapter_f."""
+    """All frozen-encoder methods x 5 shot counts x 3 seeds: every image the grid draws, every
+    test image and every drawn image's augmented views go through the encoder exactly once."""
     rt = Runtime(data_root=str(synthetic_root), results=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"),
                  device="cpu", workers=0)
     runner = Runner(apply_sets(BenchConfig(runtime=rt), [f"{k}={v}" for k, v in QUICK.items()]))
@@ -337,6 +376,7 @@ def test_frozen_encoder_methods_encode_each_image_once(tmp_path, synthetic_root)
     finally:
         del backbone.model.encode_image
     data = runner.dataset("synthetic")
-    views = VIEWS * len(data.classnames) * sum(shots) * len(seeds)
-    assert runner.features.encodes == 3 + len(shots) * len(seeds)
-    assert sum(encoded) == len(data.train) + len(data.val) + len(data.test) + views
+    drawn = [runner.splits.get(data, k, s) for k in shots for s in seeds]
+    train = set().union(*(d.train for d in drawn))
+    val = set().union(*(d.val for d in drawn))
+    assert sum(encoded) == runner.features.encoded_images == len(train) * (1 + VIEWS) + len(val) + len(data.test)

@@ -138,6 +138,18 @@ def test_dry_run_prints_the_plan_and_applies_list_overrides(workdir, synthetic_r
     out = capsys.readouterr().out
     assert "sweep plan" in out and "test-tiny" in out and "12 runs to do, 0 already done" in out
     assert not list(workdir.rglob("*.json"))
+    assert not (workdir / "results").exists()  # a dry run creates no results folder
+
+
+def test_sweep_saves_adapters_and_reruns_a_result_without_one(workdir, synthetic_root, capsys):
+    args = [*sweep_args(workdir, synthetic_root), "--methods", "linear_probe", "--shots", "1", "--seeds", "1,2"]
+    assert main(args) == 0
+    saved = workdir / "adapters"
+    assert main([*args, "--save-adapter", str(saved)]) == 0  # both results exist, but not their adapters
+    assert "2 runs to do, 0 already done" in " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in saved.rglob("shots1_seed*")) == ["shots1_seed1", "shots1_seed2"]
+    assert main([*args, "--save-adapter", str(saved)]) == 0
+    assert "0 runs to do, 2 already done" in " ".join(capsys.readouterr().out.split())
 
 
 def test_remove_stale_temp_keeps_fresh_ones(tmp_path):
@@ -243,7 +255,8 @@ def test_ray_executor_matches_local(workdir, synthetic_root, capsys):
 
 @pytest.mark.slow
 def test_feature_cache_survives_concurrent_writers(tmp_path, tiny, synthetic, synthetic_root):
-    """This process and a child encode the same split at once: both end with the same, valid file.
+    """This process and a child encode the same split at once: both get the same features, and the
+    cache holds each row once (one shard each when both encoded).
     (A child process, not a fork: a forked torch process can deadlock in its thread pool.)"""
     script = f'''
 import time
@@ -273,8 +286,12 @@ print(tensor_checksum(feats.x, feats.y), cache.encodes)
     assert child.returncode == 0 and cache.encodes == 1
     assert theirs == tensor_checksum(mine.x, mine.y)
     files = list((tmp_path / "cache").rglob("*"))
-    assert not [f for f in files if f.name.endswith(".tmp")] and len([f for f in files if f.suffix == ".pt"]) == 1
-    assert cache.load(cache.key(tiny, synthetic, "test", tiny.preprocess)) is not None
+    shards = [f for f in files if f.suffix == ".pt"]
+    assert not [f for f in files if f.name.endswith(".tmp")] and len(shards) == (2 if child_encodes == "1" else 1)
+    stored = FeatureCache(tmp_path / "cache", torch.device("cpu"), 16, 0).load(
+        cache.key(tiny, synthetic, "test", tiny.preprocess))
+    assert sorted(stored.index.tolist()) == list(range(len(synthetic.test)))  # rows both wrote, kept once
+    assert tensor_checksum(stored.x[stored.index.argsort()], stored.y[stored.index.argsort()]) == theirs
     print("child encoded" if child_encodes == "1" else "child loaded")
 
 

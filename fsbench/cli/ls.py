@@ -36,8 +36,9 @@ def _datasets() -> Table:
 
     table = Table(title="datasets (folder names: see README 'Datasets')")
     table.add_column("name")
-    for name in DATASETS.names():
-        table.add_row(name)
+    table.add_column("also accepted as")
+    for name, aliases in DATASETS.aliases().items():
+        table.add_row(name, ", ".join(aliases))
     return table
 
 

@@ -45,6 +45,8 @@ RAY_ADDRESS = Opt(None, "--ray-address", help="Ray cluster to join ('auto', host
 SET = Opt(None, "--set", help="Override SECTION.KEY=VALUE, e.g. lora.rank=4 or sweep.max_failures=10.")
 FORCE = Opt(False, "--force", help="Rerun every run, even those with a result.")
 PLUGIN = Opt(None, "--plugin", help="Python file registering extra methods.")
+SAVE_ADAPTER = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) under DIR "
+                                                "(default: runtime.save_adapters).")
 
 
 @app.command()
@@ -54,10 +56,11 @@ def sweep(
     backbones: list[str] = BACKBONES, datasets: list[str] = DATASETS, shots: list[str] = SHOTS,
     seeds: list[str] = SEEDS, results: str = RESULTS, data_root: str = DATA_ROOT, device: str = DEVICE,
     dry_run: bool = DRY_RUN, retry: str = RETRY, executor: str = EXECUTOR, ray_address: str = RAY_ADDRESS,
-    set_: list[str] = SET, force: bool = FORCE, plugin: list[Path] = PLUGIN,
+    set_: list[str] = SET, force: bool = FORCE, plugin: list[Path] = PLUGIN, save_adapter: Path = SAVE_ADAPTER,
 ) -> None:
     """Run the whole study (and the ablation grid when enabled), resumable, locally or on Ray."""
-    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device)
+    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device,
+                save_adapters=_absolute(save_adapter))
     specs = expand(cfg, split_list(methods), split_list(backbones), split_list(datasets),
                    int_list(shots, "--shots"), int_list(seeds, "--seeds"))
     if cfg.ablation.enabled:
@@ -73,11 +76,13 @@ def ablate(
     shots: list[str] = SHOTS, seeds: list[str] = SEEDS, results: str = RESULTS, data_root: str = DATA_ROOT,
     device: str = DEVICE, dry_run: bool = DRY_RUN, retry: str = RETRY, executor: str = EXECUTOR,
     ray_address: str = RAY_ADDRESS, set_: list[str] = SET, force: bool = FORCE, plugin: list[Path] = PLUGIN,
+    save_adapter: Path = SAVE_ADAPTER,
 ) -> None:
     """Run CLIP-LoRA's Figure 3 ablation grid (bench.toml's ablation table), one label per variant."""
     from fsbench.sweep import ablation_specs
 
-    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device)
+    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device,
+                save_adapters=_absolute(save_adapter))
     specs = ablation_specs(cfg, split_list(backbones), split_list(datasets), int_list(shots, "--shots"),
                            int_list(seeds, "--seeds"))
     _sweep(cfg, specs, dry_run, retry, force, plugin or [])
@@ -91,6 +96,10 @@ def _load(config: Path | None, sets: list[str] | None, plugins: list[Path] | Non
     flags = {"executor": executor, "ray_address": ray_address}
     sweep_sets = [f"sweep.{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     return load_config(config, [*(sets or []), *sweep_sets], **runtime)
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.absolute()) if path is not None else None
 
 
 def _sweep(cfg: BenchConfig, specs: list[RunSpec], dry_run: bool, retry: str, force: bool,

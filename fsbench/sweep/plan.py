@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fsbench import adapters
 from fsbench.config import BenchConfig, method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError
@@ -53,6 +54,10 @@ def build_plan(runner: Runner, specs: list[RunSpec], force: bool = False, retry_
     plan = Plan()
     for spec in order_runs(specs):
         old = runner.previous(spec)
+        saving = runner.cfg.runtime.save_adapters
+        if saving and old is not None and old.status == "ok" and not adapters.is_saved(
+                adapters.adapter_dir(saving, spec)):
+            old = None  # `--save-adapter`: a result whose adapter was never saved runs again
         if force or old is None or (old.status != "ok" and retry_failed):
             plan.todo.append(spec)
         elif old.status == "ok":
