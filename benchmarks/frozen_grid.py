@@ -6,8 +6,8 @@
 The dataset is written in DTD's real on-disk layout (CoOp's `dtd/images/<class>/*.jpg` and
 `split_zhou_DescribableTextures.json`) with DTD's images per class (60 train, 24 val, 36 test:
 DTD has the smallest test split of the 11 datasets, so the naive loop's re-encoding is as
-cheap as it gets) and 300-500 px JPEGs; `--classes` picks how many of its 47 classes (fewer on
-CPU, so that the naive loop takes minutes). `--data-root` runs on a prepared real dataset.
+cheap as it gets) and 300-500 px JPEGs; `--classes` picks how many of its 47 classes (3 on
+CPU, so that the naive loop takes about 20 minutes). `--data-root` runs on a prepared real dataset.
 
 Runner: `fsbench.engine.Runner.run` for every (method, shots, seed), whose feature cache
 encodes each image once: the grid's few-shot images, the test split and Tip-Adapter's
@@ -46,9 +46,10 @@ DTD_PER_CLASS = {"train": 60, "val": 24, "test": 36}  # CoOp's DTD split: 2,820 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", help="default: ViT-B/16 on GPU; on CPU open_clip's smallest ViT, ViT-S-32 "
-                                      "(random weights), so that the naive loop ends in minutes, not hours")
-    p.add_argument("--classes", type=int, help="DTD classes to generate (default: 47 on GPU, 5 on CPU)")
+    p.add_argument("--backbone", help="default: ViT-B/16 on GPU, ViT-B/32 (the paper's cheapest) on CPU; "
+                                      "random weights")
+    p.add_argument("--classes", type=int, help="DTD classes to generate (default: 47 on GPU; 3 on CPU, so that "
+                                               "the naive loop takes about 20 minutes on 2 cores)")
     p.add_argument("--dataset", default="dtd", help="with --data-root: any registered dataset")
     p.add_argument("--data-root", help="a prepared data root (default: generate DTD-shaped data in a temp folder)")
     p.add_argument("--device", default="auto")
@@ -58,8 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="encoding batch size (both loops)")
     args = p.parse_args()
     cuda = device_arg(args.device).type == "cuda"
-    args.backbone = args.backbone or ("ViT-B/16" if cuda else "ViT-S-32")
-    args.classes = args.classes or (47 if cuda else 5)
+    args.backbone = args.backbone or ("ViT-B/16" if cuda else "ViT-B/32")
+    args.classes = args.classes or (47 if cuda else 3)
     if not 1 <= args.classes <= len(DTD_CLASSES):
         p.error(f"--classes must be 1..{len(DTD_CLASSES)}")
     args.methods = args.methods or [n for n in METHODS.names() if METHODS.get(n).input_kind == "features"]

@@ -208,5 +208,7 @@ class FeatureCache:
             self.encoded_images += new.x.shape[0] * getattr(transform, "views", 1)
             stored = self.store(key, _Stored(torch.tensor(missing, dtype=torch.long), new.x, new.y), stored)
             row.update({p: len(row) + j for j, p in enumerate(missing)})
+        if stored is None:  # nothing asked for, nothing stored
+            return Features(torch.zeros(0, backbone.embed_dim), torch.zeros(0, dtype=torch.long))
         rows = torch.tensor([row[i] for i in index], dtype=torch.long)
         return Features(stored.x[rows], stored.y[rows])

@@ -159,6 +159,7 @@ def test_feature_cache_encodes_only_missing_rows(tmp_path, tiny, synthetic):
     reopened = FeatureCache(tmp_path, CPU, workers=0)  # from disk, nothing encoded
     assert torch.equal(reopened.split(tiny, synthetic, "train", [120, 3]).x, torch.cat([b.x[3:], a.x[1:2]]))
     assert reopened.encoded_images == 0
+    assert reopened.split(tiny, synthetic, "val", []).x.shape == (0, tiny.embed_dim)
 
 
 def test_coop_learns_only_n_ctx_context_vectors(runner, tiny, synthetic):
