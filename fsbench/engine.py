@@ -246,12 +246,10 @@ class Runner:
         return split
 
     def _bad_images(self, cls: type[Method], spec: RunSpec) -> DataError:
-        """One error naming every unreadable file the run reads (whole splits for feature methods)."""
+        """One error naming every unreadable file the run reads: its few-shot images and the test split."""
         data = self.dataset(spec.dataset)
-        items = data.train + data.val + data.test
-        if cls.input_kind != "features":
-            split = self._split(data, spec)
-            items = [data.train[i] for i in split.train] + [data.val[i] for i in split.val] + data.test
+        split = self._split(data, spec)
+        items = [data.train[i] for i in split.train] + [data.val[i] for i in split.val] + data.test
         bad = scan_images(items, data.image_root, self.track, "find unreadable images")
         return bad_images_error(sorted({it.path for it in bad}), data.image_root)
 

@@ -22,7 +22,7 @@ from fsbench.data.synthetic import ensure_synthetic
 from fsbench.features import FeatureCache
 from fsbench.images import load_images
 from fsbench.results import iter_results
-from fsbench.splits import SplitStore
+from fsbench.splits import SplitStore, draw_split
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["-b", "test-tiny", "-d", "synthetic", "--device", "cpu", "--workers", "0", "--seed", "1"]
@@ -95,16 +95,21 @@ def damage(root: Path, names: list[str]) -> list[str]:
 
 
 def test_all_unreadable_images_are_named(capsys, private_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """Every unreadable file the run reads is named; one it does not read (an undrawn shot) is not."""
     monkeypatch.chdir(tmp_path)
-    bad = damage(private_root, ["red_square/train_03.png", "blue_triangle/val_01.png", "pink_bars/test_09.png"])
+    data = load_dataset("synthetic", private_root)
+    split = draw_split(data, 1, 1)
+    undrawn = next(it.path for i, it in enumerate(data.train) if i not in split.train)
+    bad = damage(private_root, [data.train[split.train[3]].path, data.val[split.val[1]].path, "pink_bars/test_09.png"])
+    damage(private_root, [undrawn])
     args = ["run", "-m", "zero_shot", *FAST[:-4], "--workers", "1", "--seed", "1", "--shots", "1",
             "--data-root", str(private_root), "--results", "res"]
     code, err = run_cli(capsys, *args)
     assert code == 3 and "3 unreadable images under" in err and "--skip-bad-images" in err
-    assert all(b in err for b in bad)
+    assert all(b in err for b in bad) and undrawn not in err
     assert run_cli(capsys, *args, "--skip-bad-images")[0] == 0
     (result,) = iter_results(tmp_path / "res")
-    assert result.status == "ok" and result.extra["skipped_images"] == 3 and result.n_test == 99
+    assert result.status == "ok" and result.extra["skipped_images"] == 4 and result.n_test == 99
 
 
 def test_image_method_names_every_bad_training_file(private_root: Path) -> None:
