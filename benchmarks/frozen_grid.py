@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/frozen_grid.py --device cpu
     PYTHONPATH=. python benchmarks/frozen_grid.py --device cuda --backbone ViT-B/16 --classes 47
 
-The dataset is written in DTD's real on-disk layout (CoOp's `dtd/images/<class>/*.jpg` and
+The dataset is written in DTD's on-disk layout (CoOp's `dtd/images/<class>/...jpg` and
 `split_zhou_DescribableTextures.json`) with DTD's images per class (60 train, 24 val, 36 test:
 DTD has the smallest test split of the 11 datasets, so the naive loop's re-encoding is as
 cheap as it gets) and 300-500 px JPEGs; `--classes` picks how many of its 47 classes (3 on
@@ -70,14 +70,11 @@ def parse_args() -> argparse.Namespace:
 def write_dtd_like(root: Path, classes: int) -> None:
     """DTD's layout and images per class under `root/dtd`, with generated JPEGs."""
     folder, split = root / "dtd", {}
-    for name, per_class in DTD_PER_CLASS.items():
+    for s, (name, per_class) in enumerate(DTD_PER_CLASS.items()):
         split[name] = []
         for label, cls in enumerate(DTD_CLASSES[:classes]):
-            items = write_images(folder / "images" / cls, per_class, 1, seed=hash((name, label)) % 2**32)
-            for it in items:
-                rel = f"{cls}/{name}_{it.path}"
-                (folder / "images" / cls / it.path).rename(folder / "images" / rel)
-                split[name].append([rel, label, cls])
+            items = write_images(folder / "images" / cls / name, per_class, 1, seed=s * len(DTD_CLASSES) + label)
+            split[name] += [[f"{cls}/{name}/{it.path}", label, cls] for it in items]
     (folder / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
 
 

@@ -97,12 +97,16 @@ def report(name: str, times: list[float], flops: int | None, model_flops: int | 
     return "  ".join(cols)
 
 
+def both_models(name: str, device: torch.device) -> tuple[Backbone, torch.nn.Module]:
+    """fsbench's backbone and the reference-style LoRA model of `name`, random weights."""
+    spec = BackboneSpec(name, pretrained="none")
+    return build_backbone(spec, device), reference_model(spec, LoRAConfig(), device)
+
+
 def main() -> None:
     args = parse_args()
     device = device_arg(args.device)
-    spec = BackboneSpec(args.backbone, pretrained="none")
-    backbone = build_backbone(spec, device)
-    ref = reference_model(spec, LoRAConfig(), device)
+    backbone, ref = both_models(args.backbone, device)
     count = args.warmup > 0  # FLOPs of the first warm-up step (FlopCounterMode)
     fast_t, ref_t, flops = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,13 +23,10 @@ from pathlib import Path
 
 import torch
 from common import StepClock, device_arg, fsbench_steps, imagenet_like, machine, speedup_line, timed
-from lora_step import official_workers, reference_steps
-from reference import reference_model
+from lora_step import both_models, official_workers, reference_steps
 
 from fsbench.augment import to_uint8_tensor
-from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.images import default_workers, load_image
-from methods.lora import LoRAConfig
 
 STEPS, TEST_IMAGES, TRAIN_IMAGES, OFFICIAL_WORKERS = 8_000, 50_000, 16_000, 8
 
@@ -87,9 +84,7 @@ def line(name: str, step: float, decode: float, test: float) -> str:
 def main() -> None:
     args = parse_args()
     device = device_arg(args.device)
-    spec = BackboneSpec(args.backbone, pretrained="none")
-    backbone = build_backbone(spec, device)
-    ref = reference_model(spec, LoRAConfig(), device)
+    backbone, ref = both_models(args.backbone, device)
     with tempfile.TemporaryDirectory() as tmp:
         data, train = imagenet_like(Path(tmp), max(64, 2 * args.batch))
         fast, slow = StepClock(device, args.warmup), StepClock(device, args.warmup)

@@ -110,6 +110,8 @@ class Runner:
         rt = cfg.runtime
         ensure_writable(rt.results, "--results DIR")
         ensure_writable(rt.cache_dir, "--set runtime.cache_dir=DIR")
+        if rt.save_adapters:
+            ensure_writable(rt.save_adapters, "--save-adapter DIR")
         # (dataset, K, seed) -> an imported split (`fsbench run --splits FILE`), used instead of a local draw
         self.imported = read_splits_file(rt.splits) if rt.splits else {}
         self.device = resolve_device(rt.device)
@@ -162,16 +164,15 @@ class Runner:
         old = self.previous(spec)
         return old if old is not None and old.status == "ok" else None
 
-    def run(self, spec: RunSpec, force: bool = False, record_errors: bool = False,
-            save_adapter: str | None = None) -> tuple[Result, bool]:
+    def run(self, spec: RunSpec, force: bool = False, record_errors: bool = False) -> tuple[Result, bool]:
         """Run `spec` (or reuse its result); returns (result, reused).
 
         `RunFailed` and out-of-memory are recorded as a failed result; with `record_errors` (sweeps)
         so is any other exception: its type and first line, the traceback in `extra["traceback"]`.
-        `save_adapter` (a directory; default `runtime.save_adapters`) saves what the method learned
-        after `fit` (`fsbench.adapters`); a stored result without its adapter is re-run.
+        `runtime.save_adapters` (a directory; `--save-adapter`) saves what the method learned after
+        `fit` (`fsbench.adapters`); a stored result without its adapter is re-run.
         """
-        save_adapter = save_adapter or self.cfg.runtime.save_adapters
+        save_adapter = self.cfg.runtime.save_adapters
         adapter = adapters.adapter_dir(save_adapter, spec) if save_adapter else None
         reusable = not force and (adapter is None or adapters.is_saved(adapter))  # re-run to save a missing adapter
         if reusable and (old := self.existing(spec)) is not None:
@@ -186,7 +187,7 @@ class Runner:
         try:
             self._execute(cls, config, spec, result, adapter)
         except BadImageError:
-            error = self._bad_images(cls, spec)  # every unreadable file, not only the first
+            error = self._bad_images(spec)  # every unreadable file, not only the first
             if not record_errors:
                 raise error from None
             result.status, result.error = "failed", str(error)
@@ -245,7 +246,7 @@ class Runner:
         self.splits.put(data, split)
         return split
 
-    def _bad_images(self, cls: type[Method], spec: RunSpec) -> DataError:
+    def _bad_images(self, spec: RunSpec) -> DataError:
         """One error naming every unreadable file the run reads: its few-shot images and the test split."""
         data = self.dataset(spec.dataset)
         split = self._split(data, spec)

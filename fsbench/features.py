@@ -3,11 +3,11 @@
 A cache key's shards hold the rows of one split that runs have asked for so far: split
 positions, features and labels. A request encodes only the positions not yet stored, so a
 whole shots x seeds grid encodes the union of its few-shot subsets and the test split once,
-never the whole train split (1.28 M images on ImageNet). The key holds everything that changes the features:
-backbone weights identity, dataset, split content fingerprint, transform, precision, cache
-version and a tag (e.g. Tip-Adapter's augmented views). Key and checksum are checked on load;
-shards are written atomically, so a crash or a concurrent writer never leaves a partial file,
-and a corrupt shard is re-encoded, never used.
+never the whole train split (1.28 M images on ImageNet). The key holds everything that
+changes the features: backbone weights identity, dataset, split content fingerprint,
+transform, precision, cache version and a tag (e.g. Tip-Adapter's augmented views). Key and
+checksum are checked on load; shards are written atomically, so a crash or a concurrent
+writer never leaves a partial file, and a corrupt shard is re-encoded, never used.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class Features:
 
     x: torch.Tensor
     y: torch.Tensor
-
-    def subset(self, index: Sequence[int]) -> Features:
-        idx = torch.as_tensor(list(index), dtype=torch.long)
-        return Features(self.x[idx], self.y[idx])
 
 
 @dataclass
@@ -169,7 +165,7 @@ class FeatureCache:
         blob = {"key": key, "index": new.index, "x": new.x, "y": new.y,
                 "checksum": tensor_checksum(new.index, new.x, new.y)}
         folder = self.path(key)
-        before = self._memo.get(folder, (frozenset(), None))[0] if old is not None else frozenset()
+        before = self._memo[folder][0] if old is not None else frozenset()  # `load` remembered `old`
         path = atomic_write(folder / f"{uuid.uuid4().hex[:16]}.pt", lambda tmp: torch.save(blob, tmp))
         st = path.stat()
         stored = new if old is None else _Stored(torch.cat([old.index, new.index]), torch.cat([old.x, new.x]),

@@ -127,7 +127,7 @@ class Views:
 
 
 def item_seed(*parts: object) -> int:
-    """A 63-bit seed from `parts` (e.g. a base seed, a view number and an image path)."""
+    """A 63-bit seed from `parts` (e.g. a base seed and an image path)."""
     return int(hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny CLIP, the synthetic dataset, and the gpu marker's skip."""
+"""Shared fixtures: the tiny CLIP, the synthetic dataset, CPU runners, and the gpu marker's skip."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fsbench.backbones import BackboneSpec, build_backbone
+from fsbench.config import BenchConfig, Runtime, apply_sets
 from fsbench.data import load_dataset
+from fsbench.engine import Runner
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,3 +37,14 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic(synthetic_root):
     return load_dataset("synthetic", synthetic_root)
+
+
+@pytest.fixture(scope="session")
+def make_runner(synthetic_root):
+    """`make_runner(folder, sets=())`: a CPU Runner on the synthetic data, results and caches in
+    `folder`, with `--set`-style overrides."""
+    def make(folder, sets=()) -> Runner:
+        rt = Runtime(data_root=str(synthetic_root), results=str(folder / "results"), cache_dir=str(folder / "cache"),
+                     device="cpu", workers=0)
+        return Runner(apply_sets(BenchConfig(runtime=rt), list(sets)))
+    return make

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fsbench.adapters import load_adapter, save_adapter
-from fsbench.config import BenchConfig, Runtime, method_config
+from fsbench.config import method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.images import image_loader
 from fsbench.method import METHODS, Context, Method
@@ -35,11 +35,8 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory, synthetic_root):
-    tmp = tmp_path_factory.mktemp("contract")
-    rt = Runtime(data_root=str(synthetic_root), results=str(tmp / "results"), cache_dir=str(tmp / "cache"),
-                 device="cpu", workers=0)
-    return Runner(BenchConfig(runtime=rt))
+def runner(tmp_path_factory, make_runner):
+    return make_runner(tmp_path_factory.mktemp("contract"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import BenchConfig, Runtime, apply_sets, method_config
+from fsbench.config import BenchConfig, apply_sets, method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.features import FeatureCache
@@ -35,11 +35,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory, synthetic_root):
-    tmp = tmp_path_factory.mktemp("zoo")
-    rt = Runtime(data_root=str(synthetic_root), results=str(tmp / "results"), cache_dir=str(tmp / "cache"),
-                 device="cpu", workers=0)
-    return Runner(BenchConfig(runtime=rt))
+def runner(tmp_path_factory, make_runner):
+    return make_runner(tmp_path_factory.mktemp("zoo"))
 
 
 def setup(name: str, runner: Runner, tiny, synthetic, shots: int = 2, **overrides):
@@ -113,12 +110,10 @@ def test_search_grid_is_the_official_one_and_first_best_wins():
     assert (alpha, beta) == (2.0, 0.5)  # first (beta, alpha) whose alpha > 1 flips the prediction
 
 
-def test_tip_adapter_views_are_encoded_once_per_image(tmp_path, synthetic_root, tiny, synthetic):
+def test_tip_adapter_views_are_encoded_once_per_image(tmp_path, make_runner, tiny, synthetic):
     """Tip-Adapter and -F share the cached views; a later draw encodes only its new images, and
     an image's views are the same whichever run encoded them."""
-    rt = Runtime(data_root=str(synthetic_root), results=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"),
-                 device="cpu", workers=0)
-    runner = Runner(BenchConfig(runtime=rt))
+    runner = make_runner(tmp_path)
     quick = {"augment_views": 2, "search_step": [20, 5]}
     views = {}
     for name, shots, seed, overrides in (("tip_adapter", 2, 1, quick), ("tip_adapter_f", 2, 1, {**quick, "epochs": 1}),
@@ -353,12 +348,10 @@ QUICK = {"linear_probe.max_iter": 10, "linear_probe.weight_decays": "[0.01]", "t
 
 
 @pytest.mark.slow
-def test_frozen_encoder_methods_encode_each_image_once(tmp_path, synthetic_root):
+def test_frozen_encoder_methods_encode_each_image_once(tmp_path, make_runner):
     """All frozen-encoder methods x 5 shot counts x 3 seeds: every image the grid draws, every
     test image and every drawn image's augmented views go through the encoder exactly once."""
-    rt = Runtime(data_root=str(synthetic_root), results=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"),
-                 device="cpu", workers=0)
-    runner = Runner(apply_sets(BenchConfig(runtime=rt), [f"{k}={v}" for k, v in QUICK.items()]))
+    runner = make_runner(tmp_path, [f"{k}={v}" for k, v in QUICK.items()])
     shots, seeds = [1, 2, 4, 8, 16], [1, 2, 3]
     backbone = runner.backbone(RunSpec("zero_shot", "test-tiny", "synthetic", 1, 1))
     encoded, encode = [], backbone.model.encode_image

@@ -148,6 +148,12 @@ def test_results_path_that_is_a_file_fails_before_work(capsys, tmp_path: Path, m
     code, err = run_cli(capsys, "run", "-m", "zero_shot", *FAST, "--shots", "1", "--data-root", "data",
                         "--results", "results.txt")
     assert code == 2 and "results.txt is a file, not a folder" in err and "--results" in err
+    sweep = ["sweep", "--methods", "zero_shot", "--backbones", "test-tiny", "--datasets", "synthetic",
+             "--device", "cpu", "--seeds", "1"]
+    for args in (["run", "-m", "zero_shot", *FAST], sweep):  # --save-adapter at a file: the same one-line error
+        code, err = run_cli(capsys, *args, "--shots", "1", "--data-root", "data", "--save-adapter", "results.txt")
+        assert code == 2 and "results.txt is a file, not a folder" in err and "--save-adapter" in err, err
+    assert not Path("data").exists() and not Path("results").exists()  # failed before any work
     assert not Path("data").exists() and not Path(".fsbench_cache").exists()  # nothing was started
 
 

@@ -29,7 +29,7 @@ def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrai
             for m, b, d, k, s in grid]
 
 
-def execute(cfg: BenchConfig, specs, force: bool, save_adapter: Path | None = None) -> list[Result]:
+def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
     """Run `specs` with progress bars, ordered so runs sharing a backbone and dataset are adjacent."""
     from fsbench.engine import Runner
 
@@ -41,7 +41,7 @@ def execute(cfg: BenchConfig, specs, force: bool, save_adapter: Path | None = No
         for spec in specs:
             bars.update(overall, description=f"{spec.method} {spec.backbone} {spec.dataset} "
                                              f"K={spec.shots} seed={spec.seed}")
-            result, reused = runner.run(spec, force=force, save_adapter=str(save_adapter) if save_adapter else None)
+            result, reused = runner.run(spec, force=force)
             results.append(result)
             bars.advance(overall)
             if reused:
@@ -78,11 +78,11 @@ def run(
         load_plugin(p)
     cfg = load_config(config, set_, data_root=data_root, results=results, device=device,
                       workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
-                      splits=splits)
+                      splits=splits, save_adapters=save_adapter.absolute() if save_adapter else None)
     specs = expand(cfg, split_list(method), split_list(backbone), split_list(dataset),
                    int_list(shots, "--shots"), int_list(seed, "--seed"), pretrained, checkpoint)
     _validate_names(specs)
-    done = execute(cfg, specs, force, save_adapter)
+    done = execute(cfg, specs, force)
     console.print(results_table(done))
     console.print(f"results in {cfg.runtime.results}")
     failed = [r for r in done if r.status != "ok"]
