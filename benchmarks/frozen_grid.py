@@ -33,7 +33,7 @@ from fsbench.data.base import DatasetSplits, Item
 from fsbench.dataprep.sources import SOURCES
 from fsbench.engine import Runner, RunSpec, accuracy, amp_dtype
 from fsbench.features import FeatureCache, encode_images
-from fsbench.method import METHODS, Context, FewShotData
+from fsbench.method import METHODS, Context, FeatureSource, FewShotData
 from fsbench.splits import draw_split
 
 DTD_CLASSES = ("banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted "
@@ -143,11 +143,12 @@ def naive_run(runner: Runner, spec: RunSpec, cache_dir: Path) -> tuple[float, in
     for name, index in (("train", split.train), ("val", split.val)):
         items = [data.split(name)[i] for i in index]
         sets.append(FewShotData(items, torch.tensor([it.label for it in items]), data.image_root, encode(items),
-                                tuple(index)))
+                                tuple(index), name))
     test = encode(data.test)
     torch.manual_seed(spec.seed)
     views = FeatureCache(cache_dir, device, batch, workers=0)  # empty: nothing reused across runs
-    ctx = Context(backbone, data, device, spec.seed, spec.shots, amp_dtype(device), 0, services={"features": views})
+    ctx = Context(backbone, data, device, spec.seed, spec.shots, amp_dtype(device), 0,
+                  features=FeatureSource(views, backbone, data))
     method = cls(config, ctx)
     method.fit(*sets)
     with torch.no_grad():

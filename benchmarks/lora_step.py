@@ -30,6 +30,7 @@ from common import (
     median,
     peak_tflops,
     speedup_line,
+    write_out,
 )
 from reference import ReferenceTrainer, reference_batches, reference_model
 
@@ -57,6 +58,7 @@ def parse_args() -> argparse.Namespace:
                    help="reference text side in chunks of N classes, same work (default: 0 = whole on GPU, "
                         "100 on CPU, where the 1,000-class fp32 graph needs about 60 GB)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--out", help="also write the numbers as JSON to this file")
     args = p.parse_args()
     gpu = device_arg(args.device).type == "cuda"
     args.batch = args.batch or (32 if gpu else 8)
@@ -131,6 +133,24 @@ def main() -> None:
     print(report("fsbench", fast_t, flops["fsbench"], flops["fsbench"], args.batch, peak))
     print(report("reference", ref_t, flops["reference"], flops["fsbench"], args.batch, peak))
     print(speedup_line(median(ref_t) / median(fast_t)))
+    write_out(args.out, numbers(args, fast_t, ref_t, flops, peak, device))
+
+
+def mfu(model_flops: int | None, step: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation in percent: fsbench's FLOPs per step (the useful work) / step / peak."""
+    return 100 * model_flops / step / 1e12 / peak if model_flops and peak else None
+
+
+def numbers(args: argparse.Namespace, fast_t: list[float], ref_t: list[float], flops: dict, peak: float | None,
+            device: torch.device) -> dict:
+    """What `--out` writes."""
+    fast, ref = median(fast_t), median(ref_t)
+    return {"machine": machine(device), "backbone": args.backbone, "classes": args.classes, "batch": args.batch,
+            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "augment": args.augment,
+            "fsbench_s_per_step": fast, "reference_s_per_step": ref, "fsbench_times": fast_t,
+            "reference_times": ref_t, "fsbench_flops": flops["fsbench"], "reference_flops": flops["reference"],
+            "peak_tflops": peak, "fsbench_mfu_percent": mfu(flops["fsbench"], fast, peak),
+            "reference_mfu_percent": mfu(flops["fsbench"], ref, peak), "speedup": ref / fast}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from common import device_arg, imagenet_classes, machine, speedup_line
+from common import device_arg, imagenet_classes, machine, speedup_line, write_out
 from reference import reference_lora_layers, reference_loss, reference_model
 
 from fsbench.backbones import BackboneSpec, build_backbone
@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--classes", type=int, help="text-side classes (default 1000 on GPU, 50 on CPU)")
     p.add_argument("--batch", type=int, help="images per step (default 32 on GPU, 4 on CPU)")
+    p.add_argument("--out", help="also write the numbers as JSON to this file")
     args = p.parse_args()
     device = device_arg(args.device)
     gpu = device.type == "cuda"
@@ -105,17 +106,30 @@ def main() -> None:
     what = "CUDA max_memory_allocated (weights included)" if gpu else "CPU peak RSS growth during the step"
     print(f"machine: {machine(device)}; {time.strftime('%Y-%m-%d')}")
     print(f"config: {classes} classes, batch {batch}; measure: {what}")
-    ratios = []
+    ratios, table = [], {}
     ctx = mp.get_context("spawn")
     for backbone in args.backbones:
-        peaks = {}
-        for path in ("fsbench", "reference"):
-            with ctx.Pool(1) as pool:
-                peaks[path] = pool.apply(measure, (path, backbone, classes, batch, str(device)))
+        peaks = {path: measure_in_fresh_process(ctx, path, backbone, classes, batch, str(device))
+                 for path in ("fsbench", "reference")}
         ratios.append(peaks["reference"] / peaks["fsbench"])
+        table[backbone] = {f"{k}_gib": v / 2**30 for k, v in peaks.items()}
         print(f"{backbone:<10} fsbench {peaks['fsbench'] / 2**30:7.2f} GiB   reference "
               f"{peaks['reference'] / 2**30:7.2f} GiB   reference/fsbench {ratios[-1]:5.2f}x", flush=True)
     print(speedup_line(ratios[0]))
+    write_out(args.out, {"machine": machine(device), "classes": classes, "batch": batch, "measure": what,
+                         "peaks": table, "ratio": ratios[0]})
+
+
+def measure_in_fresh_process(ctx, path: str, backbone: str, classes: int, batch: int, device: str) -> float:
+    """`measure` in a new process; NaN (printed) when the step runs out of device memory."""
+    with ctx.Pool(1) as pool:
+        try:
+            return float(pool.apply(measure, (path, backbone, classes, batch, device)))
+        except RuntimeError as exc:  # torch.OutOfMemoryError: e.g. the reference's 1,000-class text graph
+            if "out of memory" not in str(exc).lower():
+                raise
+            print(f"{backbone} {path}: out of memory ({str(exc).splitlines()[0][:120]})", flush=True)
+            return float("nan")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import StepClock, device_arg, fsbench_steps, imagenet_like, machine, speedup_line, timed
+from common import StepClock, device_arg, fsbench_steps, imagenet_like, machine, speedup_line, timed, write_out
 from lora_step import both_models, official_workers, reference_steps
 
 from fsbench.augment import to_uint8_tensor
@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, help="eval batch (default 256 on GPU, 16 on CPU)")
     p.add_argument("--eval-images", type=int, help="images timed for eval (default 2048 on GPU, 16 on CPU)")
     p.add_argument("--ref-text-chunk", type=int, help="as lora_step.py (default 0 on GPU, 100 on CPU)")
+    p.add_argument("--out", help="also write the numbers as JSON to this file")
     args = p.parse_args()
     gpu = device_arg(args.device).type == "cuda"
     args.steps = args.steps or (20 if gpu else 1)
@@ -116,7 +117,14 @@ def main() -> None:
         print("under 5 min is out of reach here: decoding and test encoding alone take "
               f"{(TRAIN_IMAGES * decode_s + fast_test) / 60:.1f} min")
     fast_total = STEPS * fast_step + TRAIN_IMAGES * decode_s + fast_test
+    print(f"16-shot ImageNet {args.backbone} CLIP-LoRA projected: {fast_total / 60:.1f} min")
     print(speedup_line((STEPS * ref_step + ref_test) / fast_total))
+    write_out(args.out, {"machine": machine(device), "backbone": args.backbone, "batch": args.batch,
+                         "fsbench_s_per_step": fast_step, "reference_s_per_step": ref_step,
+                         "fsbench_eval_img_per_s": fast_eval, "reference_eval_img_per_s": ref_eval,
+                         "preprocess_img_per_s_per_core": prep, "decode_img_per_s": 1 / decode_s,
+                         "fsbench_minutes": fast_total / 60, "reference_minutes": (STEPS * ref_step + ref_test) / 60,
+                         "speedup": (STEPS * ref_step + ref_test) / fast_total})
 
 
 if __name__ == "__main__":

@@ -26,24 +26,33 @@ from fsbench.method import METHODS, Context, Method
 from fsbench.results import slug
 
 if TYPE_CHECKING:
-    from fsbench.engine import RunSpec
+    from fsbench.spec import RunSpec
 
 TENSORS = "adapter.safetensors"
 META = "adapter.json"
 FORMAT_VERSION = 1
 
 
-def adapter_dir(root: str | Path, spec: RunSpec) -> Path:
-    """Where `--save-adapter root` puts the adapter of one run."""
-    method = slug(spec.label or spec.method.lower())
-    return Path(root) / slug(spec.backbone) / slug(spec.dataset) / method / f"shots{spec.shots}_seed{spec.seed}"
+def adapter_dir(root: str | Path, spec: RunSpec, folder: str = "") -> Path:
+    """Where `--save-adapter root` puts the adapter of one run (`folder`: the protocol's path segment)."""
+    method = Path(root) / slug(spec.backbone) / slug(spec.dataset) / slug(spec.label or spec.method.lower())
+    return (method / slug(folder) if folder else method) / f"shots{spec.shots}_seed{spec.seed}"
 
 
-def is_saved(directory: str | Path) -> bool:
-    return (Path(directory) / META).is_file() and (Path(directory) / TENSORS).is_file()
+def is_saved(directory: str | Path, identity_hash: str | None = None) -> bool:
+    """An adapter is saved there (and, given `identity_hash`, by the run of that identity)."""
+    meta = Path(directory) / META
+    if not (meta.is_file() and (Path(directory) / TENSORS).is_file()):
+        return False
+    if identity_hash is None:
+        return True
+    try:
+        return json.loads(meta.read_text()).get("identity_hash") == identity_hash
+    except (OSError, ValueError):
+        return False
 
 
-def save_adapter(method: Method, directory: str | Path, spec: RunSpec) -> Path:
+def save_adapter(method: Method, directory: str | Path, spec: RunSpec, identity_hash: str = "") -> Path:
     """Write `method`'s learned state and its description into `directory` (atomically)."""
     directory = Path(directory)
     # clone: safetensors refuses tensors that share storage
@@ -53,7 +62,7 @@ def save_adapter(method: Method, directory: str | Path, spec: RunSpec) -> Path:
         "format": FORMAT_VERSION, "method": method.name, "config": dataclasses.asdict(method.config),
         "backbone": spec.backbone, "backbone_key": method.ctx.backbone.key, "pretrained": spec.pretrained,
         "checkpoint": spec.checkpoint, "dataset": spec.dataset, "shots": spec.shots, "seed": spec.seed,
-        "classnames": method.ctx.classnames, "tensors": sorted(tensors),
+        "classnames": method.ctx.classnames, "tensors": sorted(tensors), "identity_hash": identity_hash,
     }
     atomic_write_json(directory / META, meta)  # written last: its presence means the pair is complete
     return directory
@@ -69,7 +78,7 @@ def load_adapter(directory: str | Path, ctx: Context) -> Method:
         raise ConfigError(f"{directory} was saved with backbone {meta['backbone_key']}, not {ctx.backbone.key}")
     if meta["classnames"] != ctx.classnames:
         raise ConfigError(f"{directory} was saved for the classes of {meta['dataset']}, which differ from "
-                          f"{ctx.data.name}'s")
+                          f"{ctx.dataset}'s")
     cls = METHODS.get(meta["method"])
     method = cls(method_config(cls, meta["config"]), ctx)
     method.load_state_tensors(load_file(str(directory / TENSORS), device=str(ctx.device)))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,10 @@ PAPER_DATASETS = ["imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_ca
                   "oxford_pets", "oxford_flowers", "caltech101", "dtd", "ucf101"]
 
 
+_EXAMPLE = {"methods": '["lora"]', "backbones": '["ViT-B/16"]', "datasets": '["dtd"]', "shots": "[1, 4]",
+            "seeds": "[1, 2, 3]", "protocols": '["fewshot"]'}
+
+
 @dataclass
 class Study:
     """What to run: the product of these lists."""
@@ -38,6 +44,18 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     pretrained: str = ""  # "" = the backbone's default ("openai" for the paper's ViTs)
     checkpoint: str = ""  # a local weights file instead of a pretrained tag
+    protocols: list[str] = field(default_factory=lambda: ["fewshot"])  # fewshot, base2new, cross_dataset, ...
+    cross_targets: list[str] = field(default_factory=lambda: [d for d in PAPER_DATASETS if d != "imagenet"])
+    dg_targets: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                                           "imagenet_r"])
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "backbones", "datasets", "shots", "seeds", "protocols"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: list at least one (e.g. {name} = {_EXAMPLE[name]})")
+        bad = [k for k in self.shots if k < 1]
+        if bad:
+            raise ValueError(f"shots must be >= 1, got {bad[0]}")
 
 
 @dataclass
@@ -56,8 +74,10 @@ class Runtime:
     save_adapters: str = ""  # folder for what each run learned (`--save-adapter DIR`); "" = not saved
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
 
 @dataclass
@@ -194,6 +214,9 @@ def load_bench(path: str | Path | None) -> BenchConfig:
             if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
                 raise ConfigError(f"{where}: [methods] must hold one table per method, e.g. [methods.lora]")
             cfg.methods = {k.lower(): dict(v) for k, v in values.items()}
+            for name, table in cfg.methods.items():
+                mline = _line_of(text, f"methods.{name}")
+                check_method_section(name, table, f"{path}:{mline}" if mline else str(path))
         elif section in SECTIONS:
             if not isinstance(values, dict):
                 raise ConfigError(f"{where}: {section} must be a table, [{section}]")
@@ -230,10 +253,95 @@ def apply_sets(cfg: BenchConfig, sets: list[str]) -> BenchConfig:
                                       getattr(cfg, section))
             setattr(cfg, section, updated)
         else:
-            cfg.methods.setdefault(section.lower(), {})[key] = parsed
+            table = {**cfg.methods.get(section.lower(), {}), key: parsed}
+            check_method_section(section.lower(), table, "--set")
+            cfg.methods[section.lower()] = table
     return cfg
+
+
+def check_method_section(name: str, values: dict[str, Any], where: str) -> None:
+    """A `[methods.<name>]` table or `--set <name>.<key>=...`: the method must be registered
+    (a one-line error with a did-you-mean otherwise) and the values must make a valid config."""
+    from fsbench.method import METHODS  # lazy: the registry imports torch and the methods
+
+    prefix = "" if where == "--set" else f"{where}: "
+    if name not in METHODS.names():
+        close = difflib.get_close_matches(name, [*METHODS.names(), *SECTIONS], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(METHODS.names())}"
+        place = f"[methods.{name}]" if prefix else "--set"
+        what = "section or method" if close and close[0] in SECTIONS else "method"
+        raise ConfigError(f"{prefix}unknown {what} {name!r} in {place}{hint}")
+    try:
+        method_config(METHODS.get(name), values)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def method_config(method_cls: type, overrides: dict[str, Any]) -> Any:
     """The method's `Config` with user overrides applied and validated."""
     return build_dataclass(method_cls.Config, overrides, f"[methods.{method_cls.name}]")
+
+
+# Range checks for config `__post_init__`s: each raises a one-line ConfigError naming
+# `section.name` (e.g. "lora.lr must be a finite number > 0, got -1.0").
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(section: str, name: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"{section}.{name} must be {rule}, got {value!r}")
+
+
+def check_positive(section: str, name: str, value: Any) -> None:
+    """A finite number > 0 (learning rates, logit scales, epsilons)."""
+    if not (_is_number(value) and value > 0):
+        raise _fail(section, name, "a finite number > 0", value)
+
+
+def check_non_negative(section: str, name: str, value: Any) -> None:
+    """A finite number >= 0 (weight decays, schedule floors, blending weights)."""
+    if not (_is_number(value) and value >= 0):
+        raise _fail(section, name, "a finite number >= 0", value)
+
+
+def check_at_least(section: str, name: str, value: Any, minimum: int) -> None:
+    """An integer >= `minimum` (batch sizes >= 1, epochs >= 0, ranks >= 1)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise _fail(section, name, f"an integer >= {minimum}", value)
+
+
+def check_fraction(section: str, name: str, value: Any, *, one: bool = False) -> None:
+    """A number in [0, 1) (momentum, dropout), or in [0, 1] with `one`."""
+    if not (_is_number(value) and 0 <= value and (value <= 1 if one else value < 1)):
+        raise _fail(section, name, "a number in [0, 1]" if one else "a number in [0, 1)", value)
+
+
+def check_betas(section: str, name: str, value: Any) -> None:
+    """Adam's betas: two numbers in [0, 1)."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            _is_number(b) and 0 <= b < 1 for b in value)):
+        raise _fail(section, name, "two numbers in [0, 1), e.g. [0.9, 0.999]", value)
+
+
+def check_crop_scale(section: str, name: str, value: Any) -> None:
+    """RandomResizedCrop's scale: [low, high] with 0 < low <= high <= 1."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+            and 0 < value[0] <= value[1] <= 1):
+        raise _fail(section, name, "[low, high] with 0 < low <= high <= 1, e.g. [0.08, 1.0]", value)
+
+
+def check_list(section: str, name: str, values: Any, rule: str, ok: Callable[[Any], bool],
+               length: int | None = None) -> None:
+    """A non-empty list (of exactly `length` items if given) whose items all satisfy `ok`;
+    `rule` says what an item must be ("numbers > 0")."""
+    size = f"a list of {length}" if length is not None else "a non-empty list of"
+    if not (isinstance(values, (list, tuple)) and values and (length is None or len(values) == length)
+            and all(ok(v) for v in values)):
+        raise _fail(section, name, f"{size} {rule}", values)
+
+
+def positive(value: Any) -> bool:
+    """A finite number > 0 (a predicate for `check_list`)."""
+    return _is_number(value) and value > 0

@@ -29,13 +29,14 @@ from fsbench.data.base import DatasetSplits, Item
 from fsbench.images import image_loader
 from fsbench.io import atomic_write
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: each row stores its image file's (size, mtime) and is re-encoded when it changes
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Features:
-    """L2-normalised float32 image features (N, D) — or (N, views, D) — on CPU, labels (N,)."""
+    """L2-normalised float32 image features (N, D) — or (N, views, D) — on CPU, labels (N,); a custom
+    `encode`'s output (e.g. pre-projection features) is stored as it is, not normalised."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -43,11 +44,25 @@ class Features:
 
 @dataclass
 class _Stored:
-    """The cached rows of one key: split positions (M,), features (M, ...), labels (M,)."""
+    """The cached rows of one key: split positions (M,), features (M, ...), labels (M,), and the image
+    file's (size, mtime_ns) when it was encoded (M, 2): a row whose file changed since is not used."""
 
     index: torch.Tensor
     x: torch.Tensor
     y: torch.Tensor
+    stamp: torch.Tensor
+
+
+def file_stamps(root: Path, items: Sequence[Item]) -> torch.Tensor:
+    """(N, 2) int64: each image file's size and modification time (-1, -1 if missing)."""
+    out = []
+    for it in items:
+        try:
+            st = os.stat(Path(root) / it.path)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((-1, -1))
+    return torch.tensor(out, dtype=torch.long).view(-1, 2)
 
 
 def _stats(paths: Iterable[Path]) -> dict[Path, os.stat_result]:
@@ -61,10 +76,16 @@ def _stats(paths: Iterable[Path]) -> dict[Path, os.stat_result]:
     return out
 
 
-def _first_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each value of `index`, in order."""
-    seen: set[int] = set()
-    keep = [i for i, v in enumerate(index.tolist()) if not (v in seen or seen.add(v))]
+def _first_occurrence(stored: _Stored) -> torch.Tensor:
+    """Rows to keep: the first of each (split position, file stamp); a file replaced since keeps both
+    versions apart (only the one matching the file now is ever used)."""
+    seen: set[tuple[int, int, int]] = set()
+    keys = zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)
+    keep = []
+    for r, (p, (size, mtime)) in enumerate(keys):
+        if (p, size, mtime) not in seen:
+            seen.add((p, size, mtime))
+            keep.append(r)
     return torch.tensor(keep, dtype=torch.long)
 
 
@@ -78,12 +99,15 @@ def tensor_checksum(*tensors: torch.Tensor) -> str:
 @torch.no_grad()
 def encode_images(backbone: Backbone, items: list[Item], root: Path, transform: Callable,
                   device: torch.device, batch_size: int = 256, workers: int | None = None,
-                  progress: Callable | None = None, seeds: Sequence[int] | None = None) -> Features:
+                  progress: Callable | None = None, seeds: Sequence[int] | None = None,
+                  encode: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Features:
     """Encode `items` with the frozen image tower; mixed precision on CUDA.
 
     A transform may return several views per image, (V, 3, H, W): the features are then
     (N, V, D). `seeds` (one per item) seed each item's random transform, so an augmented view
-    is the same whichever batch or loader process it lands in."""
+    is the same whichever batch or loader process it lands in. `encode(model, images)`, if
+    given, replaces `model.encode_image` (e.g. ProLIP's features before the visual projection);
+    its output is stored as float32 without L2 normalisation."""
     batch = max(1, batch_size // max(1, getattr(transform, "views", 1)))
     loader = image_loader(items, root, transform, batch, device, workers=workers, seeds=seeds)
     xs, ys = [], []
@@ -91,8 +115,10 @@ def encode_images(backbone: Backbone, items: list[Item], root: Path, transform: 
     for images, labels in (progress(loader, len(loader)) if progress else loader):
         shape = images.shape
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            f = backbone.model.encode_image(images.to(device, non_blocking=True).flatten(0, images.dim() - 4))
-        xs.append(F.normalize(f.float(), dim=-1).view(*shape[:-3], -1).cpu())
+            x = images.to(device, non_blocking=True).flatten(0, images.dim() - 4)
+            f = backbone.model.encode_image(x) if encode is None else encode(backbone.model, x)
+        f = f.float() if encode is not None else F.normalize(f.float(), dim=-1)
+        xs.append(f.view(*shape[:-3], -1).cpu())
         ys.append(labels)
     if not xs:
         return Features(torch.zeros(0, backbone.embed_dim), torch.zeros(0, dtype=torch.long))
@@ -141,17 +167,17 @@ class FeatureCache:
         parts = [part for f in sorted(shards) if (part := self._read(f, key)) is not None]
         if not parts:
             return None
-        index = torch.cat([p.index for p in parts])
-        first = _first_occurrence(index)  # two writers may have encoded the same rows
-        stored = _Stored(index[first], torch.cat([p.x for p in parts])[first], torch.cat([p.y for p in parts])[first])
+        stored = _Stored(*(torch.cat([getattr(p, k) for p in parts]) for k in ("index", "x", "y", "stamp")))
+        keep = _first_occurrence(stored)  # two writers may have encoded the same rows of the same files
+        stored = _Stored(stored.index[keep], stored.x[keep], stored.y[keep], stored.stamp[keep])
         self._remember(folder, stamp, stored)
         return stored
 
     def _read(self, path: Path, key: dict) -> _Stored | None:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            part = _Stored(blob["index"], blob["x"], blob["y"])
-            ok = blob["key"] == key and blob["checksum"] == tensor_checksum(part.index, part.x, part.y)
+            part = _Stored(blob["index"], blob["x"], blob["y"], blob["stamp"])
+            ok = blob["key"] == key and blob["checksum"] == tensor_checksum(part.index, part.x, part.y, part.stamp)
         except Exception:  # truncated/corrupt pickle: any exception means "rebuild"
             ok = False
         if not ok:
@@ -162,14 +188,14 @@ class FeatureCache:
 
     def store(self, key: dict, new: _Stored, old: _Stored | None) -> _Stored:
         """Add `new` rows to `key` as one shard; returns all rows (`old` + `new`)."""
-        blob = {"key": key, "index": new.index, "x": new.x, "y": new.y,
-                "checksum": tensor_checksum(new.index, new.x, new.y)}
+        blob = {"key": key, "index": new.index, "x": new.x, "y": new.y, "stamp": new.stamp,
+                "checksum": tensor_checksum(new.index, new.x, new.y, new.stamp)}
         folder = self.path(key)
         before = self._memo[folder][0] if old is not None else frozenset()  # `load` remembered `old`
         path = atomic_write(folder / f"{uuid.uuid4().hex[:16]}.pt", lambda tmp: torch.save(blob, tmp))
         st = path.stat()
-        stored = new if old is None else _Stored(torch.cat([old.index, new.index]), torch.cat([old.x, new.x]),
-                                                 torch.cat([old.y, new.y]))
+        stored = new if old is None else _Stored(*(torch.cat([getattr(old, k), getattr(new, k)])
+                                                   for k in ("index", "x", "y", "stamp")))
         self._remember(folder, before | {(path.name, st.st_mtime_ns, st.st_size)}, stored)
         return stored
 
@@ -186,25 +212,45 @@ class FeatureCache:
 
     def items(self, backbone: Backbone, data: DatasetSplits, split: str, transform: Callable,
               index: Sequence[int] | None = None, tag: str = "", seed: Callable[[Item], int] | None = None,
-              progress: Callable | None = None) -> Features:
+              progress: Callable | None = None,
+              encode: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Features:
         """Features of the split's `index` positions under `transform`, cached under `tag`;
         only positions not cached yet are encoded. `seed(item)` seeds a random transform per
-        image, so a cached augmented view does not depend on which run encoded it."""
+        image, so a cached augmented view does not depend on which run encoded it. A custom
+        `encode` (see `encode_images`) needs a `tag` of its own, which keys its features."""
+        if encode is not None and not tag:
+            raise ValueError("FeatureCache.items: a custom encode needs its own cache tag")
         items = data.split(split)
         index = list(range(len(items))) if index is None else [int(i) for i in index]
         key = self.key(backbone, data, split, transform, tag)
         stored = self.load(key)
-        row = {} if stored is None else {int(p): r for r, p in enumerate(stored.index.tolist())}
-        missing = sorted(set(index) - row.keys())
+        wanted = sorted(set(index))
+        stamps_now = file_stamps(data.image_root, [items[p] for p in wanted]).tolist()
+        now = {p: tuple(s) for p, s in zip(wanted, stamps_now, strict=True)}
+        row = {} if stored is None else _valid_rows(stored, now)
+        missing = [p for p in wanted if p not in row]
         if missing:
             todo = [items[i] for i in missing]
             new = encode_images(backbone, todo, data.image_root, transform, self.device, self.batch_size,
-                                self.workers, progress, seeds=[seed(it) for it in todo] if seed else None)
+                                self.workers, progress, seeds=[seed(it) for it in todo] if seed else None,
+                                encode=encode)
             self.encodes += 1
             self.encoded_images += new.x.shape[0] * getattr(transform, "views", 1)
-            stored = self.store(key, _Stored(torch.tensor(missing, dtype=torch.long), new.x, new.y), stored)
-            row.update({p: len(row) + j for j, p in enumerate(missing)})
+            stamps = torch.tensor([now[p] for p in missing], dtype=torch.long).view(-1, 2)
+            offset = 0 if stored is None else len(stored.index)
+            stored = self.store(key, _Stored(torch.tensor(missing, dtype=torch.long), new.x, new.y, stamps), stored)
+            row.update({p: offset + j for j, p in enumerate(missing)})
         if stored is None:  # nothing asked for, nothing stored
             return Features(torch.zeros(0, backbone.embed_dim), torch.zeros(0, dtype=torch.long))
         rows = torch.tensor([row[i] for i in index], dtype=torch.long)
         return Features(stored.x[rows], stored.y[rows])
+
+
+def _valid_rows(stored: _Stored, now: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """Split position -> stored row, for the rows whose image file is unchanged since it was encoded
+    (a file replaced in place gets a new row; the stale one is never used)."""
+    out: dict[int, int] = {}
+    for r, (p, st) in enumerate(zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)):
+        if p in now and p not in out and tuple(st) == now[p]:
+            out[p] = r
+    return out

@@ -19,6 +19,12 @@ from fsbench.errors import DataError
 from fsbench.io import atomic_write_json
 
 MAX_LISTED = 20  # bad files named in one error line
+# Pillow refuses images over ~179 MP as possible decompression bombs; dataset files are the user's own,
+# and a valid 20000 x 20000 photo must load. Above 1 GP the error names the reason.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 1_000_000_000)
+
+
+BAD_REASONS: dict[str, str] = {}  # path -> why it could not be decoded, for error messages
 
 
 class BadImageError(DataError):
@@ -34,28 +40,35 @@ def load_image(path: Path) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {exc}") from None
 
 
-def _readable(path: Path) -> bool:
+def _readable(path: Path) -> str | None:
+    """None if the file decodes, else why not."""
     try:
         load_image(path)
-        return True
-    except BadImageError:
-        return False
+        return None
+    except BadImageError as exc:
+        return str(exc).removeprefix(f"cannot read image {path}: ")
 
 
 def scan_images(items: Sequence[Item], root: Path, track: Callable[[Iterable, int, str], Iterable] | None = None,
                 desc: str = "check images") -> list[Item]:
     """The items whose file cannot be decoded (every file is decoded, on a few threads)."""
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        ok = pool.map(_readable, [Path(root) / it.path for it in items], chunksize=64)
-        ok = track(ok, len(items), desc) if track else ok
-        return [it for it, good in zip(items, ok, strict=True) if not good]
+        why = pool.map(_readable, [Path(root) / it.path for it in items], chunksize=64)
+        why = track(why, len(items), desc) if track else why
+        bad = []
+        for it, reason in zip(items, why, strict=True):
+            if reason is not None:
+                BAD_REASONS[it.path] = reason
+                bad.append(it)
+        return bad
 
 
 def bad_images_error(bad: Sequence[str], root: Path) -> DataError:
     """One line naming every unreadable file (the first MAX_LISTED, then a count)."""
     more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     s = "" if len(bad) == 1 else "s"
-    return DataError(f"{len(bad)} unreadable image{s} under {root}: {', '.join(bad[:MAX_LISTED])}{more}; "
+    reason = f" (first: {BAD_REASONS[bad[0]]})" if bad and bad[0] in BAD_REASONS else ""
+    return DataError(f"{len(bad)} unreadable image{s} under {root}: {', '.join(bad[:MAX_LISTED])}{more}{reason}; "
                      "replace or delete them, or pass --skip-bad-images to leave them out")
 
 
@@ -65,7 +78,8 @@ def load_images(items: Sequence[Item], root: Path) -> list[Image.Image]:
     for it in items:
         try:
             images.append(load_image(Path(root) / it.path))
-        except BadImageError:
+        except BadImageError as exc:
+            BAD_REASONS[it.path] = str(exc).removeprefix(f"cannot read image {Path(root) / it.path}: ")
             bad.append(it.path)
     if bad:
         raise bad_images_error(bad, root)

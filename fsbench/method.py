@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.backbones import Backbone
+from fsbench.backbones import Backbone, BackboneInfo
 from fsbench.data.base import DatasetSplits, Item
+from fsbench.errors import FsbenchError
+from fsbench.protocols import ClassSet, class_set
 from fsbench.registry import Registry, import_all
 from fsbench.text import encode_tokens
 
@@ -33,7 +35,8 @@ class FewShotData:
     `features` holds the cached, L2-normalised frozen image features (for methods whose
     `input_kind` is "features"; None otherwise). `items` and `image_root` locate the images,
     for methods that train on pixels or need augmented views; `index` holds the items'
-    positions in their dataset split, for caching per-image work across runs.
+    positions in their dataset split (`split`: "train" or "val"), for caching per-image work
+    across runs. `labels` index the fitted `ClassSet` (`Context.classes`).
     """
 
     items: list[Item]
@@ -41,35 +44,79 @@ class FewShotData:
     image_root: Path
     features: torch.Tensor | None = None
     index: tuple[int, ...] | None = None
+    split: str = "train"
 
     def __len__(self) -> int:
         return len(self.items)
 
 
+class NotApplicable(FsbenchError):
+    """A method cannot produce a metric (e.g. score classes it never saw); the reason is recorded."""
+
+
+class FeatureSource:
+    """Cached frozen features of the run's few-shot images: the only images a method can encode
+    through the cache. It accepts `FewShotData` of the train and val splits, never test images."""
+
+    def __init__(self, cache: Any, backbone: Backbone, data: DatasetSplits,
+                 progress: Callable | None = None):
+        self._cache, self._backbone, self._data, self._progress = cache, backbone, data, progress
+
+    def encode(self, fewshot: FewShotData, transform: Callable, tag: str,
+               seed: Callable[[Item], int] | None = None,
+               encode: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> Any:
+        """Features (N, [views,] D) of `fewshot`'s images under `transform`, cached under `tag`
+        (`seed(item)` seeds random transforms per image; `encode(model, images)` replaces
+        `encode_image`, e.g. for features before the projection)."""
+        if fewshot.split not in ("train", "val") or fewshot.index is None:
+            raise ValueError("FeatureSource encodes few-shot train/val images only")
+        return self._cache.items(self._backbone, self._data, fewshot.split, transform, fewshot.index,
+                                 tag=tag, seed=seed, progress=self._progress, encode=encode)
+
+
 @dataclass
 class Context:
-    """What a method may use: the frozen backbone, the classes, the device, its seed.
+    """What a method may use: the frozen backbone, the class set, the device, its seed.
 
-    Methods never read global state; everything run-specific arrives here.
+    Methods never read global state and never see the dataset: `classes` is the class set they are
+    fitted on (after `fit`, the runner may point it to other classes and call `Method.retarget`);
+    `features` encodes few-shot images through the feature cache.
     """
 
     backbone: Backbone
-    data: DatasetSplits
+    classes: ClassSet
     device: torch.device
     seed: int
     shots: int
     amp_dtype: torch.dtype | None = None
     workers: int | None = None
     track: Callable[[Iterable, int, str], Iterable] = lambda it, total, desc: it
-    services: dict[str, Any] = field(default_factory=dict)
+    features: FeatureSource | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classes, DatasetSplits):  # convenience for tests and scripts: all its classes
+            self.classes = class_set(self.classes)
 
     @property
     def classnames(self) -> list[str]:
-        return self.data.classnames
+        return list(self.classes.names)
 
     @property
     def num_classes(self) -> int:
-        return len(self.data.classnames)
+        return len(self.classes)
+
+    @property
+    def dataset(self) -> str:
+        """The name of the dataset the method is fitted on (for per-dataset official settings)."""
+        return self.classes.dataset
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self.classes.templates)
+
+    @property
+    def train_template(self) -> str:
+        return self.classes.train_template
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A fresh CPU generator seeded from the run's seed."""
@@ -83,8 +130,7 @@ class Context:
     def text_weights(self, templates: list[str] | None = None) -> torch.Tensor:
         """Zero-shot classifier (C, D): per class, the normalised mean of the normalised
         template embeddings (Radford et al. 2021), from the frozen text tower."""
-        return zero_shot_weights(self.backbone, self.classnames,
-                                 templates or self.data.templates, self.device)
+        return zero_shot_weights(self.backbone, self.classnames, templates or self.templates, self.device)
 
 
 def zero_shot_weights(backbone: Backbone, classnames: list[str], templates: list[str],
@@ -122,6 +168,13 @@ class Method(ABC):
     input_kind: ClassVar[InputKind] = "features"
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # what `logits` receives at evaluation (None: as `input_kind`); "features" for methods that train on
+    # images but keep the image tower frozen (CoOp family): the test split is then encoded once per backbone
+    eval_input: ClassVar[InputKind | None] = None
+    # validation shots per class: "default" = min(K, 4) (CLIP-LoRA / CoOp), "shots" = K (LP++)
+    val_shots: ClassVar[Literal["default", "shots"]] = "default"
+    # why the method cannot score classes it was not fitted on (when it does not override `retarget`)
+    unseen_reason: ClassVar[str] = "it learns parameters per training class and has none for unseen classes"
 
     def __init__(self, config: Any, ctx: Context):
         self.config = config
@@ -134,6 +187,21 @@ class Method(ABC):
     @abstractmethod
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores (N, C) for a batch of features or images (see `input_kind`)."""
+
+    def retarget(self) -> None:
+        """Re-derive what depends on the class set after the runner set `ctx.classes` to classes the
+        method was not fitted on (base-to-new, cross-dataset). Methods that can score unseen classes
+        (text-side methods, prompts, LoRA) override this; the default says it cannot."""
+        raise NotApplicable(f"{self.name} cannot score classes it never saw: {self.unseen_reason}")
+
+    @classmethod
+    def scores_unseen_classes(cls) -> bool:
+        return cls.retarget is not Method.retarget
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        """None if the method applies in full to `backbone`; else one line on what does not apply."""
+        return None
 
     def trainable_params(self) -> int:
         """Number of parameters the method trained (0 for training-free methods)."""

@@ -89,6 +89,11 @@ class Registry(Generic[T]):
             groups.setdefault(id(obj), []).append(name)
         return dict(sorted((names[0], sorted(names[1:])) for names in groups.values()))
 
+    def canonical(self, name: str) -> str:
+        """The main name of what `name` registers ("pets" -> "oxford_pets"); did-you-mean if unknown."""
+        obj = self.get(name)
+        return next(n for n, o in self._items.items() if o is obj)
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name.lower() in self._items

@@ -1,18 +1,22 @@
-"""The results store: one JSON file per (method, backbone, dataset, shots, seed).
+"""The results store: one JSON file per (protocol, method, backbone, dataset, shots, seed).
 
 This module never imports torch, so reports run on a laptop with results copied from a cluster.
+Schema 2 added the protocol, named metrics and the result's identity; schema-1 files (few-shot
+only) still load: protocol "fewshot", metrics {"top1": top1}, identity unknown.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fsbench.io import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 def slug(text: str) -> str:
@@ -54,44 +58,154 @@ class Result:
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    protocol: str = "fewshot"
+    protocol_version: int = 1
+    source_dataset: str | None = None  # cross-dataset protocols: the dataset the method was fitted on
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)  # metric -> why the method cannot produce it
+    identity: dict[str, str] = field(default_factory=dict)  # what the number depends on (fsbench.identity)
+    identity_hash: str = ""
+
+    @property
+    def folder(self) -> str:
+        """The protocol's path segment ("" for few-shot: the layout results had before protocols)."""
+        if self.protocol == "fewshot":
+            return ""
+        return f"{self.protocol}-from-{self.source_dataset}" if self.source_dataset else self.protocol
 
 
 def result_path(results_dir: str | Path, method: str, backbone: str, dataset: str, shots: int,
-                seed: int) -> Path:
-    """Where the result of one run lives: <dir>/<backbone>/<dataset>/<method>/shots<K>_seed<S>.json."""
-    return Path(results_dir) / slug(backbone) / slug(dataset) / slug(method) / f"shots{shots}_seed{seed}.json"
+                seed: int, folder: str = "") -> Path:
+    """Where the result of one run lives: <dir>/<backbone>/<dataset>/<method>/[<protocol>/]shots<K>_seed<S>.json
+    (few-shot results have no protocol folder)."""
+    base = Path(results_dir) / slug(backbone) / slug(dataset) / slug(method)
+    return (base / slug(folder) if folder else base) / f"shots{shots}_seed{seed}.json"
+
+
+def path_of(results_dir: str | Path, result: Result) -> Path:
+    return result_path(results_dir, result.method, result.backbone, result.dataset, result.shots, result.seed,
+                       result.folder)
 
 
 def write_result(results_dir: str | Path, result: Result) -> Path:
     """Write `result` atomically and return its path."""
-    path = result_path(results_dir, result.method, result.backbone, result.dataset, result.shots,
-                       result.seed)
-    return atomic_write_json(path, asdict(result))
+    return atomic_write_json(path_of(results_dir, result), asdict(result))
+
+
+class ResultFileError(ValueError):
+    """A result file that cannot be read or parsed; the message names the file and why."""
+
+
+def parse_result(data: Any, path: str | Path = "") -> Result:
+    """A `Result` from a parsed JSON object; schema-1 files are upgraded, unknown fields rejected."""
+    if not isinstance(data, dict):
+        raise ResultFileError(f"{path}: not a result (a JSON object was expected)")
+    names = {f.name for f in fields(Result)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ResultFileError(f"{path}: unknown field(s) {', '.join(unknown)} (written by a newer fsbench?)")
+    try:
+        result = Result(**data)
+    except TypeError as exc:
+        raise ResultFileError(f"{path}: not a result ({exc})") from None
+    if int(data.get("schema_version", 1)) < 2:
+        result.metrics = {"top1": result.top1}
+        result.identity_hash = ""
+    if not isinstance(result.metrics, dict) or not isinstance(result.config, dict):
+        raise ResultFileError(f"{path}: malformed result (metrics and config must be objects)")
+    return result
+
+
+def read_result_strict(path: str | Path) -> Result:
+    """Read one result file or raise `ResultFileError` saying why it cannot be used."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ResultFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ResultFileError(f"{path}: not valid JSON ({exc})") from None
+    return parse_result(data, path)
 
 
 def read_result(path: str | Path) -> Result | None:
-    """Read one result file; None when it is unreadable or of another schema."""
+    """Read one result file; None when it is unreadable or malformed."""
     try:
-        data = json.loads(Path(path).read_text())
-        return Result(**data)
-    except (OSError, ValueError, TypeError):
+        return read_result_strict(path)
+    except ResultFileError:
         return None
 
 
+def scan_results(results_dir: str | Path) -> tuple[list[Result], list[str]]:
+    """Every result under `results_dir` sorted by path, and one line for each file that could not be
+    used (unreadable, corrupt, unknown fields): nothing is dropped without a word."""
+    results, problems = [], []
+    for path in sorted(Path(results_dir).rglob("shots*_seed*.json")):
+        try:
+            results.append(read_result_strict(path))
+        except ResultFileError as exc:
+            problems.append(str(exc))
+    return results, problems
+
+
 def iter_results(results_dir: str | Path) -> list[Result]:
-    """Every readable result under `results_dir`, sorted by path."""
-    root = Path(results_dir)
-    found = (read_result(p) for p in sorted(root.rglob("shots*_seed*.json")))
-    return [r for r in found if r is not None]
+    """Every readable result under `results_dir`, sorted by path; unusable files are logged."""
+    results, problems = scan_results(results_dir)
+    for line in problems:
+        log.warning("skipped result file %s", line)
+    return results
 
 
-def load_results(results_dir: str | Path, include_failed: bool = False):
+def canonical_dataset(name: str) -> str:
+    """A dataset alias's main name ("pets" -> "oxford_pets"); unknown names are kept as they are."""
+    from fsbench.data import DATASETS  # torch-free readers
+
+    return DATASETS.canonical(name) if name in DATASETS else name
+
+
+def load_results(results_dir: str | Path, include_failed: bool = False, warn=None):
     """Load a results store as a pandas DataFrame, one row per run.
 
-    Columns are the `Result` fields (nested `config`, `versions` and `extra` kept as dicts).
+    Columns are the `Result` fields (nested `config`, `versions`, `metrics`, `identity` and `extra`
+    kept as dicts); dataset aliases are canonicalised. `warn(line)` receives one line per file that
+    could not be read (default: the `logging` warning).
     """
     import pandas as pd
 
-    rows = [asdict(r) for r in iter_results(results_dir) if include_failed or r.status == "ok"]
+    results, problems = scan_results(results_dir)
+    for line in problems:
+        (warn or (lambda m: log.warning("skipped result file %s", m)))(line)
+    rows = []
+    for r in results:
+        if include_failed or r.status == "ok":
+            row = asdict(r)
+            row["dataset"] = canonical_dataset(r.dataset)
+            if r.source_dataset:
+                row["source_dataset"] = canonical_dataset(r.source_dataset)
+            rows.append(row)
     columns = list(Result.__dataclass_fields__)
-    return pd.DataFrame(rows, columns=columns)
+    return separate_variants(pd.DataFrame(rows, columns=columns), warn)
+
+
+CELL = ["protocol", "method", "backbone", "dataset", "source_dataset", "shots"]
+
+
+def separate_variants(df, warn=None):
+    """Never average across configs or schema versions: in a cell whose seeds were run with different
+    configs (`config_hash`) or schema versions, each variant's method is labelled `method [cfg <hash>]`
+    (one warning line per such cell), so tables keep them apart."""
+    import pandas as pd
+
+    if df.empty:
+        return df
+    variant = pd.Series([f"{str(h or '')[:6]}/s{v}" for h, v in zip(df["config_hash"], df["schema_version"],
+                                                                   strict=True)], index=df.index)
+    keys = pd.Series(["|".join("" if v is None or v != v else str(v) for v in row)
+                      for row in df[CELL].itertuples(index=False)], index=df.index)
+    mixed = variant.groupby(keys).transform("nunique") > 1
+    for cell in sorted(set(keys[mixed])):
+        (warn or (lambda m: log.warning("%s", m)))(
+            f"{' '.join(cell.split())}: seeds run with different configs or schema versions are reported "
+            "separately, never averaged")
+    df = df.copy()
+    df.loc[mixed, "method"] = df.loc[mixed, "method"] + " [cfg " + variant[mixed] + "]"
+    return df

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsbench.data.base import DatasetSplits, Item
-from fsbench.errors import DataError
+from fsbench.errors import ConfigError, DataError
 from fsbench.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -45,33 +45,81 @@ class FewShotSplit:
         return h.hexdigest()[:16]
 
 
-def _draw(items: list[Item], per_class: int, rng: random.Random, repeat: bool, what: str) -> list[int]:
+def _draw(items: list[Item], per_class: int, rng: random.Random, repeat: bool, what: str,
+          classnames: list[str] | None = None, cap: bool = False) -> list[int]:
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         by_class[it.label].append(i)
     chosen: list[int] = []
     for label in sorted(by_class):
         pool = by_class[label]
-        if len(pool) >= per_class:
-            chosen += rng.sample(pool, per_class)
+        if len(pool) >= per_class or cap:  # cap: a class with fewer images gives all of them
+            chosen += rng.sample(pool, min(per_class, len(pool)))
         elif repeat:
             chosen += rng.choices(pool, k=per_class)
         else:
             raise DataError(
-                f"{what}: class {label} has {len(pool)} images but {per_class} shots were asked; "
+                f"{what}: class {_class_name(label, classnames)} has {len(pool)} images but {per_class} shots "
+                "were asked; "
                 "lower --shots or pass --allow-repeat (CoOp's fallback: sample with replacement)")
     return chosen
 
 
-def draw_split(data: DatasetSplits, shots: int, seed: int, repeat: bool = False) -> FewShotSplit:
-    """Draw K train shots and min(K, 4) val shots per class with a local seeded RNG."""
+def _class_name(label: int, classnames: list[str] | None) -> str:
+    return f"{classnames[label]!r} (label {label})" if classnames and 0 <= label < len(classnames) else str(label)
+
+
+def val_per_class(shots: int, policy: str = "default") -> int:
+    """Validation shots per class: min(K, 4) (CLIP-LoRA, CoOp) or K ("shots": LP++'s official rule; a class
+    with fewer than K validation images then gives all of them)."""
+    return shots if policy == "shots" else min(shots, MAX_VAL_SHOTS)
+
+
+def draw_split(data: DatasetSplits, shots: int, seed: int, repeat: bool = False,
+               val_shots: int | None = None) -> FewShotSplit:
+    """Draw K train shots and `val_shots` (default min(K, 4)) val shots per class with a local seeded RNG.
+    The val draw for K shots per class is the same whatever `val_shots` a method asks for, up to its size."""
     if shots < 1:
-        raise DataError(f"shots must be >= 1, got {shots}")
+        raise ConfigError(f"shots must be >= 1, got {shots}")
     picks = {}
-    for split, k in (("train", shots), ("val", min(shots, MAX_VAL_SHOTS))):
-        rng = random.Random(f"fsbench|{data.name}|{split}|K={shots}|seed={seed}")
-        picks[split] = tuple(_draw(data.split(split), k, rng, repeat, f"{data.name} {split}"))
+    val_k = min(shots, MAX_VAL_SHOTS) if val_shots is None else val_shots
+    for split, k in (("train", shots), ("val", val_k)):
+        rng = random.Random(f"fsbench|{data.name}|{split}|K={shots}|seed={seed}" + (
+            f"|val={val_k}" if split == "val" and val_k != min(shots, MAX_VAL_SHOTS) else ""))
+        cap = split == "val" and val_k > MAX_VAL_SHOTS  # K validation shots (LP++): all of a smaller class
+        picks[split] = tuple(_draw(data.split(split), k, rng, repeat, f"{data.name} {split}", data.classnames, cap))
     return FewShotSplit(data.name, shots, seed, picks["train"], picks["val"])
+
+
+def validate_source(data: DatasetSplits) -> None:
+    """A dataset a few-shot draw is taken from: at least two classes, no file listed twice, no train or val
+    image in the test list, and train images for every class. One-line DataError otherwise."""
+    if len(data.classnames) < 2:
+        raise DataError(f"{data.name}: {len(data.classnames)} class(es); a classification benchmark needs "
+                        "at least two (check the folder layout / split file)")
+    validate_lists(data)
+    seen = {it.path for it in data.test}
+    for name in ("train", "val"):
+        overlap = sorted({it.path for it in data.split(name)} & seen)
+        if overlap:
+            raise DataError(f"{data.name}: {len(overlap)} {name} image(s) are also in the test list "
+                            f"(e.g. {overlap[0]}); fix the split file")
+    have = {it.label for it in data.train}
+    empty = [c for i, c in enumerate(data.classnames) if i not in have]
+    if empty:
+        raise DataError(f"{data.name}: {len(empty)} class(es) have no train images (e.g. {empty[0]!r}); "
+                        "fix the split file or the image folders")
+
+
+def validate_lists(data: DatasetSplits) -> None:
+    """No image listed twice within a split (a "2-shot" draw could otherwise be one image twice)."""
+    for name in ("train", "val", "test"):
+        paths = [it.path for it in data.split(name)]
+        seen: set[str] = set()
+        dup = next((p for p in paths if p in seen or seen.add(p)), None)
+        if dup is not None:
+            raise DataError(f"{data.name}: {dup} is listed more than once in the {name} split; "
+                            "remove the duplicate from the split file")
 
 
 def split_to_json(split: FewShotSplit, data: DatasetSplits) -> dict:
@@ -100,35 +148,53 @@ def split_from_json(obj: dict, data: DatasetSplits, source: str) -> FewShotSplit
 
 
 class SplitStore:
-    """Persisted few-shot splits under `<cache>/splits/<dataset>/shots<K>_seed<S>.json`."""
+    """Persisted few-shot draws under `<cache>/splits/<dataset>/shots<K>_seed<S>[_val<V>][_repeat].json`.
 
-    def __init__(self, cache_dir: str | Path, repeat: bool = False):
+    A stored draw is used only if it is still the draw its (dataset lists, K, seed, val shots, repeat flag)
+    give: it records the digests of the train and val lists it was drawn from and its own checksum, so
+    an edited split file or a hand-edited draw is drawn again (with a warning), never used silently.
+    Imported splits (`--splits`) are never written here: they cannot replace a local draw.
+    """
+
+    def __init__(self, cache_dir: str | Path, repeat: bool = False, persist: bool = True):
         self.root = Path(cache_dir) / "splits"
         self.repeat = repeat
+        self.persist = persist  # False: a planner (`sweep --dry-run`) draws but writes nothing
 
-    def path(self, dataset: str, shots: int, seed: int) -> Path:
-        return self.root / dataset / f"shots{shots}_seed{seed}.json"
+    def path(self, dataset: str, shots: int, seed: int, val_shots: int | None = None) -> Path:
+        val = "" if val_shots in (None, min(shots, MAX_VAL_SHOTS)) else f"_val{val_shots}"
+        return self.root / dataset / f"shots{shots}_seed{seed}{val}{'_repeat' if self.repeat else ''}.json"
 
-    def get(self, data: DatasetSplits, shots: int, seed: int) -> FewShotSplit:
-        """The persisted split if there is one, else a fresh draw that is then persisted."""
-        path = self.path(data.name, shots, seed)
+    def get(self, data: DatasetSplits, shots: int, seed: int, val_shots: int | None = None) -> FewShotSplit:
+        """The persisted draw if it is still valid, else a fresh draw that is then persisted."""
+        path = self.path(data.name, shots, seed, val_shots)
         if path.is_file():
-            # A readable file is used as it is, even hand-edited: results record the checksum of the
-            # files actually used. One that does not parse, or names files this dataset lacks, is
-            # drawn again (same seed and data, same result), never used.
-            try:
-                return split_from_json(json.loads(path.read_text(encoding="utf-8")), data, str(path))
-            except (OSError, ValueError, RecursionError, DataError):
-                pass
-            log.warning("few-shot split file %s is corrupt or stale; drawing the split again", path)
-            path.unlink(missing_ok=True)
-        split = draw_split(data, shots, seed, self.repeat)
-        self.put(data, split)
+            split = self._load(path, data)
+            if split is not None:
+                return split
+            log.warning("few-shot split file %s is corrupt, edited or stale; drawing the split again", path)
+            if self.persist:
+                path.unlink(missing_ok=True)
+        split = draw_split(data, shots, seed, self.repeat, val_shots)
+        if self.persist:
+            atomic_write_json(path, {**split_to_json(split, data), "lists": _lists(data), "repeat": self.repeat})
         return split
 
-    def put(self, data: DatasetSplits, split: FewShotSplit) -> None:
-        """Persist `split` (atomically), replacing any earlier draw for its (dataset, K, seed)."""
-        atomic_write_json(self.path(data.name, split.shots, split.seed), split_to_json(split, data))
+    def _load(self, path: Path, data: DatasetSplits) -> FewShotSplit | None:
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            split = split_from_json(obj, data, str(path))
+        except (OSError, ValueError, RecursionError, DataError):
+            return None
+        valid = (isinstance(obj, dict) and obj.get("lists") == _lists(data) and obj.get("repeat") == self.repeat
+                 and obj.get("checksum") == split.checksum(data))
+        return split if valid else None
+
+
+def _lists(data: DatasetSplits) -> dict[str, str]:
+    from fsbench.identity import list_digest
+
+    return {name: list_digest(data, name) for name in ("train", "val")}
 
 
 SPLITS_FORMAT = "fsbench-splits/1"

@@ -8,7 +8,10 @@ whose output is added to every context vector, SGD lr 0.002 (momentum 0.9, weigh
 one warm-up epoch at 1e-5 then cosine, batch 1, 10 epochs, random resized crop + flip.
 
 Every image gets its own prompts, so training and evaluation run the text encoder once per image
-over all classes: expensive on ImageNet, as in the original.
+over all classes: expensive on ImageNet, as in the original. The image tower stays frozen and the
+meta-net reads the frozen image feature, so `logits` scores the cached test features
+(`eval_input = "features"`): the test split is encoded once per backbone. The prompts live in
+`fsbench.prompts`, the recipe and loop in `fsbench.training`.
 
 Deviations: as CoOp (`methods/coop.py`); the meta-net runs in the autocast precision instead of
 being cast to fp16.
@@ -17,44 +20,41 @@ being cast to fp16.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.method import FewShotData, Method, count_trainable, register_method
-from methods.coop import (
-    build_prompts,
-    dassl_lr,
-    encode_prompts,
-    frozen_image_features,
-    image_batches,
-    steps_per_epoch,
-    train_epochs,
-)
+from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
+from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
+from methods.lora import train_transform
 
 TEXT_BATCH = 2048  # prompts per text-encoder call at evaluation (images x classes)
 
 
 @dataclass
-class CoCoOpConfig:
-    """CoCoOp hyper-parameters (official few-shot config: c4, 10 epochs, batch 1, ctxv1)."""
+class CoCoOpConfig(DasslRecipe):
+    """CoCoOp hyper-parameters (official few-shot config: c4, 10 epochs, batch 1, ctxv1); the recipe
+    fields (lr 0.002, momentum, weight_decay, warmup_epochs, warmup_lr) come from `DasslRecipe`."""
 
-    n_ctx: int = 4  # ignored when `init` gives words (then their token count, 4 for "a photo of a")
-    init: str = "a photo of a"  # or "random" (N(0, 0.02))
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     batch_size: int = 1
     epochs: int = 10
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
+    n_ctx: int = 4  # ignored when `init` gives words (then their token count, 4 for "a photo of a")
+    init: str = "a photo of a"  # or "random" (N(0, 0.02))
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
+    section: ClassVar[str] = "cocoop"
+
     def __post_init__(self) -> None:
-        if self.n_ctx < 1 or self.batch_size < 1 or self.epochs < 1 or self.warmup_epochs < 0:
-            raise ValueError("need n_ctx >= 1, batch_size >= 1, epochs >= 1 and warmup_epochs >= 0")
+        super().__post_init__()
+        check_positive(self.section, "logit_scale", self.logit_scale)
+        check_at_least(self.section, "epochs", self.epochs, 1)
+        check_at_least(self.section, "n_ctx", self.n_ctx, 1)
+        check_crop_scale(self.section, "crop_scale", self.crop_scale)
 
 
 def meta_net(vis_dim: int, ctx_dim: int, seed: int) -> nn.Sequential:
@@ -71,6 +71,7 @@ class CoCoOp(Method):
 
     Config = CoCoOpConfig
     input_kind = "images"
+    eval_input = "features"  # the image tower is frozen; the meta-net takes the frozen feature
     paper = "Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022"
     summary = "CoCoOp: CoOp context + image-conditioned bias from a meta-net (per-image prompts)"
 
@@ -85,15 +86,15 @@ class CoCoOp(Method):
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
         self._build()
-        params = [self.context, *self.meta.parameters()]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        bb = ctx.backbone
+        tf = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
+        batches = fewshot_image_batches(train, tf, cfg.batch_size, ctx.generator())
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self._logits(frozen_image_features(ctx.backbone, images)), labels)
 
-        train_epochs(ctx, opt, image_batches(self, train, cfg.batch_size, cfg.crop_scale), loss_fn, cfg.epochs,
-                     steps_per_epoch(len(train), cfg.batch_size),
-                     lambda e: dassl_lr(e, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr), "train cocoop")
+        train_epochs(ctx, cfg.optimizer([self.context, *self.meta.parameters()]), batches, loss_fn, cfg.epochs,
+                     dassl_steps(len(train), cfg.batch_size), cfg.schedule(cfg.epochs), "train cocoop")
         self.meta.eval()
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:
@@ -102,11 +103,18 @@ class CoCoOp(Method):
         text = encode_prompts(self.ctx.backbone.model, self.prompts, shifted)  # (B, C, D)
         return self.config.logit_scale * torch.einsum("bd,bcd->bc", feats, text.float())
 
+    def retarget(self) -> None:
+        """Unseen classes: the learned context and meta-net with their names (CoCoOp's own protocol)."""
+        ctx = self.ctx
+        self.prompts = build_prompts(ctx.backbone, ctx.classnames, self.context.shape[0], self.config.init,
+                                     ctx.device, ctx.generator(1))
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        feats = frozen_image_features(self.ctx.backbone, x)
-        per = max(1, TEXT_BATCH // self.ctx.num_classes)
-        return torch.cat([self._logits(feats[i:i + per]) for i in range(0, len(feats), per)])
+        """Scores of (N, D) L2-normalised frozen image features (the meta-net reads the same feature)."""
+        feats, per = x.float(), max(1, TEXT_BATCH // self.ctx.num_classes)
+        with self.ctx.autocast():  # the runner does not autocast the cached-feature path; the text tower does
+            return torch.cat([self._logits(feats[i:i + per]) for i in range(0, len(feats), per)]).float()
 
     def trainable_params(self) -> int:
         return count_trainable(self.context, self.meta)

@@ -10,8 +10,10 @@ recomputed through the adapted text encoder every step ("a photo of a {}."), and
 iterate evaluated with the update merged into the weights.
 
 Deviation: positions are index sets over a tower's depth. For 12-layer towers they equal the
-official lists; for deeper towers (ViT-L/14 vision, 24 layers) we scale them with the depth,
-and "all" means every layer (the official list for ViT-L/14 covers layers 0-20 only).
+official lists; for deeper towers (ViT-L/14 vision, 24 layers) "all", "half-bottom" and "half-up"
+equal the official ViT-L/14 lists (all 24 layers since the official commit e6bf706, 2024-09-12;
+loralib/utils.py INDEX_POSITIONS_VISION), and the positions the official code defines for 12-layer
+towers only (bottom, mid, up, top1-3) are scaled with the depth.
 """
 
 from __future__ import annotations
@@ -27,12 +29,21 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from fsbench.attention import SplitAttention
+from fsbench.attention import attention_layers, fused_state_dict, projections
 from fsbench.augment import device_batches, to_uint8_tensor
-from fsbench.errors import RunFailed
+from fsbench.backbones import BackboneInfo
+from fsbench.config import (
+    check_at_least,
+    check_betas,
+    check_crop_scale,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+)
+from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import augmented_batches
 from fsbench.method import FewShotData, Method, count_trainable, register_method
-from fsbench.text import bucket_tokens, encode_buckets
+from fsbench.text import bucket_tokens, encode_buckets, text_tower
 
 MATRICES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 POSITIONS = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top1", "top2", "top3")
@@ -64,16 +75,22 @@ class LoRAConfig:
     text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        check_at_least("lora", "rank", self.rank, 1)
+        for name in ("alpha", "lr", "logit_scale"):
+            check_positive("lora", name, getattr(self, name))
+        check_non_negative("lora", "weight_decay", self.weight_decay)
+        check_non_negative("lora", "eta_min", self.eta_min)
+        check_betas("lora", "betas", self.betas)
+        check_crop_scale("lora", "crop_scale", self.crop_scale)
+        check_fraction("lora", "dropout", self.dropout)
+        check_at_least("lora", "batch_size", self.batch_size, 1)
+        check_at_least("lora", "iters_per_shot", self.iters_per_shot, 1)
         if not self.matrices or any(m not in MATRICES for m in self.matrices):
             raise ValueError(f"matrices must be a non-empty subset of q, k, v, o, got {self.matrices}")
         if self.encoder not in ("vision", "text", "both"):
             raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        if not 0 <= self.dropout < 1 or self.batch_size < 1 or self.iters_per_shot < 1:
-            raise ValueError("need 0 <= dropout < 1, batch_size >= 1 and iters_per_shot >= 1")
         if self.augment not in ("auto", "device", "pil"):
             raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         if self.text_buckets < 1:
@@ -133,19 +150,37 @@ def towers(model: nn.Module, encoder: str) -> Iterator[nn.Module]:
         yield model.transformer
 
 
+def attention_towers(model: nn.Module, encoder: str) -> dict[str, list[nn.Module]]:
+    """The attention layers of the chosen towers, in depth order (`fsbench.attention.attention_layers`):
+    open_clip's blocks, timm's (SigLIP, EVA-CLIP) with their fused `qkv` split into q/k/v slices."""
+    found = {}
+    if encoder in ("vision", "both"):
+        found["vision"] = attention_layers(model.visual)
+    if encoder in ("text", "both"):
+        found["text"] = attention_layers(getattr(text_tower(model), "transformer", None))
+    return found
+
+
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[LoRALinear]:
-    """Wrap the chosen projections of the chosen blocks in `LoRALinear`; returns the layers."""
+    """Wrap the chosen projections of the chosen blocks in `LoRALinear`; returns the layers.
+
+    A tower without attention (ConvNeXt's vision tower) is skipped when `encoder` is "both" and
+    is a `ConfigError` when it is the only tower asked for.
+    """
     layers = []
-    for tower in towers(model, cfg.encoder):
-        blocks = list(tower.resblocks)
-        for i in layer_indices(cfg.position, len(blocks)):
-            attn = blocks[i].attn
-            if not isinstance(attn, SplitAttention):
-                raise TypeError("LoRA needs the unfused attention of fsbench.attention")
+    for name, blocks in attention_towers(model, cfg.encoder).items():
+        if not blocks and cfg.encoder != "both":
+            raise ConfigError(f"lora.encoder={cfg.encoder}: the {name} tower of this backbone has no attention "
+                              "layers to adapt (ConvNeXt and ResNet vision towers); use encoder=text")
+        for i in layer_indices(cfg.position, len(blocks)) if blocks else []:
+            targets = projections(blocks[i])
             for m in cfg.matrices:
-                lora = LoRALinear(getattr(attn, MATRICES[m]), cfg.rank, cfg.alpha, cfg.dropout)
-                setattr(attn, MATRICES[m], lora)
+                owner, attr = targets[m]
+                lora = LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout)
+                setattr(owner, attr, lora)
                 layers.append(lora)
+    if not layers:
+        raise ConfigError(f"lora.encoder={cfg.encoder}: no attention layer fsbench can adapt in this backbone")
     return layers
 
 
@@ -161,18 +196,10 @@ def _effective(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Weights of a LoRA-adapted CLIP in open_clip's own format, updates merged.
 
-    Each `SplitAttention` goes back to `nn.MultiheadAttention`'s `in_proj_weight`/`in_proj_bias`
-    and `out_proj`, so the result loads into a plain open_clip model (`--checkpoint`).
+    Every unfused projection is fused back (`nn.MultiheadAttention`'s `in_proj_weight`, timm's
+    `qkv`), so the result loads into a plain open_clip model (`--checkpoint`).
     """
-    attn = {name: m for name, m in model.named_modules() if isinstance(m, SplitAttention)}
-    prefixes = tuple(f"{name}." for name in attn)
-    out = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-    for name, m in attn.items():
-        (wq, bq), (wk, bk), (wv, bv) = (_effective(getattr(m, p)) for p in ("q_proj", "k_proj", "v_proj"))
-        out[f"{name}.in_proj_weight"] = torch.cat([wq, wk, wv])
-        out[f"{name}.in_proj_bias"] = torch.cat([bq, bk, bv])
-        out[f"{name}.out_proj.weight"], out[f"{name}.out_proj.bias"] = _effective(m.out_proj)
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    return fused_state_dict(model, _effective)
 
 
 def train_transform(image_size: int, mean, std, scale) -> transforms.Compose:
@@ -193,6 +220,17 @@ class CLIPLoRA(Method):
     input_kind = "images"
     paper = "Zanella & Ben Ayed, Low-Rank Few-Shot Adaptation of Vision-Language Models, CVPRW 2024"
     summary = "CLIP-LoRA: rank-2 LoRA on q,k,v of both encoders, one recipe for all datasets"
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        """Attention layers are the targets: a tower without them (ConvNeXt, ResNet) is left out."""
+        if not backbone.vision_attention and not backbone.text_attention:
+            return "no attention layers in either tower"
+        if not backbone.vision_attention:
+            return "text tower only: the vision tower has no attention layers"
+        if not backbone.text_attention:
+            return "vision tower only: the text tower is a Hugging Face model"
+        return None
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
@@ -223,8 +261,8 @@ class CLIPLoRA(Method):
         self.model = copy.deepcopy(ctx.backbone.model)  # the shared frozen model stays untouched
         self.params = self.adapt(self.model)
         self._frozen_text: torch.Tensor | None = None
-        prompts = [ctx.data.train_template.format(c) for c in ctx.classnames]
-        self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), cfg.text_buckets)
+        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), cfg.text_buckets, self.model)
 
     def adapt(self, model: nn.Module) -> list[nn.Parameter]:
         """Inject the adapter into `model`; return the parameters to train (`peft` overrides this)."""
@@ -240,6 +278,17 @@ class CLIPLoRA(Method):
         self.model.eval()
         self.merge()
         with torch.no_grad(), self.ctx.autocast():
+            self.text = self._text().float()
+
+    def retarget(self) -> None:
+        """Unseen classes: their training-template prompts through the adapted (merged) text tower;
+        the adapted vision tower is class-agnostic (CLIP-LoRA's own text-side classifier)."""
+        ctx = self.ctx
+        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), self.config.text_buckets,
+                                     self.model)
+        self._frozen_text = None
+        with torch.no_grad(), ctx.autocast():
             self.text = self._text().float()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,10 @@ the mean similarity f t_c of the class's samples to its own text; full-batch SGD
 on W, b with the Lipschitz step 4N / lambda_max(F^T F) for 300 epochs; every 10 epochs alpha
 takes a gradient step of size N / (4 max_c sum_i (f_i t_c)^2), with its gradient accumulated
 since the start as in the official code (it is never zeroed); the epoch with the best validation
-accuracy (last one on ties) is kept.
+accuracy (last one on ties) is kept. On ImageNet the text weights average the official 7-template
+ensemble (datasets/imagenet.py:178; `IMAGENET_ENSEMBLE`). The validation set has K shots per class,
+as the official code draws it (main.py:94; main_imagenet.py via datasets/imagenet.py:238-243 takes
+them from ImageNet's train split, as fsbench's held-out 10% does), via `val_shots = "shots"`.
 
 Deviations: float32 throughout (the official code runs CLIP's fp16); features of the
 un-augmented images from the cache (the official code encodes one random crop per image).
@@ -19,13 +22,17 @@ un-augmented images from the cache (the official code encodes one random crop pe
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from fsbench.config import check_at_least, check_fraction, check_non_negative
+from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
+from fsbench.training import BestOnValidation, top1, train_epochs
 
 
 @dataclass
@@ -38,8 +45,10 @@ class LPPlusPlusConfig:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.alpha_every < 1:
-            raise ValueError("need epochs >= 0 and alpha_every >= 1")
+        check_at_least("lp_plus_plus", "epochs", self.epochs, 0)
+        check_at_least("lp_plus_plus", "alpha_every", self.alpha_every, 1)
+        check_non_negative("lp_plus_plus", "alpha_init_scale", self.alpha_init_scale)
+        check_fraction("lp_plus_plus", "momentum", self.momentum)
 
 
 def class_sums(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -72,6 +81,7 @@ class LPPlusPlus(Method):
 
     Config = LPPlusPlusConfig
     input_kind = "features"
+    val_shots = "shots"  # official: K validation shots per class, ImageNet too (fsbench's shared rule: min(K, 4))
     paper = "Huang et al., LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP, CVPR 2024"
     summary = "LP++: linear probe blending visual prototypes with text weights, Lipschitz step sizes"
 
@@ -79,7 +89,7 @@ class LPPlusPlus(Method):
         cfg, dev, n_cls = self.config, self.ctx.device, self.ctx.num_classes
         x, y = train.features.to(dev).float(), train.labels.to(dev)
         vx, vy = val.features.to(dev).float(), val.labels.to(dev)
-        self.text = self.ctx.text_weights().to(dev)
+        self.text = self.ctx.text_weights(ensemble_templates(self.ctx.dataset, self.ctx.templates)).to(dev)
         text_logits = x @ self.text.T
         bound = 1 / math.sqrt(x.shape[1])  # nn.Linear's default bias init
         bias0 = (torch.rand(n_cls, generator=self.ctx.generator(1)) * 2 - 1) * bound
@@ -89,21 +99,20 @@ class LPPlusPlus(Method):
                            requires_grad=True)
         opt = torch.optim.SGD([w, b], lr=lr_prototypes(x), momentum=cfg.momentum)
         lr_alpha = lr_blending(text_logits)
-        best_acc = None
-        self.w, self.b, self.alpha = w.detach(), b.detach(), alpha.detach()
-        for epoch in self.ctx.track(range(cfg.epochs), cfg.epochs, "train lp_plus_plus"):
-            loss = F.cross_entropy(x @ w.T + b + alpha * text_logits, y)
-            opt.zero_grad()  # zeroes W and b only: alpha's gradient accumulates, as in the official code
-            loss.backward()
-            opt.step()
-            if (epoch + 1) % cfg.alpha_every == 0:
-                with torch.no_grad():
-                    alpha -= lr_alpha * alpha.grad
+        best = BestOnValidation(initial=(w.detach(), b.detach(), alpha.detach()), ties="last")  # official: >=
+
+        def end_epoch(epoch: int) -> None:
             with torch.no_grad():
-                acc = (self._logits(vx, w, b, alpha).argmax(-1) == vy).float().mean().item()
-            if best_acc is None or acc >= best_acc:
-                best_acc = acc
-                self.w, self.b, self.alpha = w.detach().clone(), b.detach().clone(), alpha.detach().clone()
+                if (epoch + 1) % cfg.alpha_every == 0:  # alpha's gradient accumulates, never zeroed (official)
+                    alpha.sub_(lr_alpha * alpha.grad)
+                acc = top1(self._logits(vx, w, b, alpha), vy)
+            best.offer(acc, lambda: (w.detach().clone(), b.detach().clone(), alpha.detach().clone()))
+
+        # full batch: one step per epoch; the optimiser zeroes W and b only
+        train_epochs(self.ctx, opt, itertools.repeat((x, y)),
+                     lambda xb, yb: F.cross_entropy(xb @ w.T + b + alpha * text_logits, yb), cfg.epochs, 1, None,
+                     "train lp_plus_plus", amp=False, end_epoch=end_epoch)
+        self.w, self.b, self.alpha = best.state
 
     def _logits(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return x @ w.T + b + alpha * (x @ self.text.T)

@@ -6,8 +6,9 @@ random crops, text re-encoded every step), whose training loop it reuses.
 The adapter is a peft config given as JSON (`--set 'peft.config={"peft_type": "IA3", ...}'`)
 or as a table in bench.toml (`[methods.peft.config]`). fsbench's unfused attention exposes
 `q_proj`, `k_proj`, `v_proj`, `out_proj` (nn.Linear) and the MLPs `c_fc`, `c_proj`, so
-`target_modules` name them; `encoder` restricts the config to one tower. The default config is
-CLIP-LoRA expressed in peft: rank 2, alpha 1, dropout 0.25, rsLoRA scaling alpha / sqrt(r),
+`target_modules` name them (timm towers of SigLIP / EVA-CLIP: the same `q_proj`, `k_proj`, `v_proj`,
+split out of their fused `qkv`, and `proj`, `fc1`, `fc2`); `encoder` restricts the config to one tower.
+The default config is CLIP-LoRA expressed in peft: rank 2, alpha 1, dropout 0.25, rsLoRA scaling alpha / sqrt(r),
 q/k/v of both towers.
 
 Limits: prompt-learning types (prompt, prefix and p-tuning) need a transformers model and are
@@ -26,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsbench.config import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import count_trainable, register_method
+from fsbench.text import text_tower
 from methods.lora import CLIPLoRA, merged_state_dict
 
 CLIP_LORA_IN_PEFT = {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "lora_dropout": 0.25, "use_rslora": True,
@@ -85,8 +88,14 @@ class PeftConfig:
     def __post_init__(self) -> None:
         if self.encoder not in ("vision", "text", "both"):
             raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
-        if self.batch_size < 1 or self.iters_per_shot < 1 or self.text_buckets < 1:
-            raise ValueError("need batch_size >= 1, iters_per_shot >= 1 and text_buckets >= 1")
+        check_positive("peft", "lr", self.lr)
+        check_positive("peft", "logit_scale", self.logit_scale)
+        check_non_negative("peft", "weight_decay", self.weight_decay)
+        check_non_negative("peft", "eta_min", self.eta_min)
+        check_betas("peft", "betas", self.betas)
+        check_crop_scale("peft", "crop_scale", self.crop_scale)
+        for name in ("batch_size", "iters_per_shot", "text_buckets"):
+            check_at_least("peft", name, getattr(self, name), 1)
         if self.augment not in ("auto", "device", "pil"):
             raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         build_peft_config(self.config)
@@ -103,8 +112,12 @@ class Peft(CLIPLoRA):
     def adapt(self, model: nn.Module) -> list[nn.Parameter]:
         import peft
 
-        tower = {"vision": model.visual, "text": model.transformer, "both": model}[self.config.encoder]
-        self.peft_model = peft.get_peft_model(tower, build_peft_config(self.config.config))
+        text = getattr(text_tower(model), "transformer", None)
+        tower = {"vision": model.visual, "text": text, "both": model}[self.config.encoder]
+        try:
+            self.peft_model = peft.get_peft_model(tower, build_peft_config(self.config.config))
+        except ValueError as exc:  # no target module in this tower (ConvNeXt vision: no attention)
+            raise ConfigError(f"peft on the {self.config.encoder} tower(s): {str(exc).splitlines()[0][:200]}") from None
         return [p for p in model.parameters() if p.requires_grad]
 
     def merge(self) -> None:

@@ -4,28 +4,41 @@ classifier.
 
     logits = 100 * norm(f) norm(t + alpha * x)^T,   x initialised at zero
 
-Defaults follow the official code (github.com/geekyutao/TaskRes: trainers/taskres.py,
+Defaults follow the official code (github.com/geekyutao/TaskRes 5195359: trainers/taskres.py,
 configs/trainers/TaskRes/adam_lr2e-3_B256_ep*.yaml, train_regular.sh): the base t is the mean of
-the un-normalised text embeddings of the dataset's CoOp template, alpha 0.5 (1.0 on Flowers102),
-Adam lr 2e-3 (2e-4 on ImageNet) with Dassl's weight decay 5e-4, one warm-up epoch at 1e-5 then
-cosine, batch 256, 100 epochs for 1-4 shots and 200 for 8-16; the last epoch is kept.
+the un-normalised text embeddings of the dataset's CoOp template (on ImageNet, of the 7 templates of
+IMAGENET_TEMPLATES_SELECT plus "a photo of a {}.", trainers/taskres.py:125-129), with the class
+names as CoOp's split files write them (underscores kept, trainers/taskres.py:134; see
+`official_classnames`), alpha 0.5 (1.0 on Flowers102), Adam lr 2e-3 (2e-4 on ImageNet) with
+Dassl's weight decay 5e-4, one warm-up epoch at 1e-5 then cosine, batch 256 with Dassl's drop-last
+rule, 100 epochs for 1-4 shots and 200 for 8-16; the last epoch is kept. The per-dataset values
+that `fit` resolves (scale, lr, epochs) are written back into `self.config`.
 
 Deviations: training reads the cached features of the un-augmented images (the official code
-encodes random crops each step); on ImageNet the official base also averages 7 extra templates
-(IMAGENET_TEMPLATES_SELECT), here the base uses the dataset's templates.
+encodes random crops each step).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.config import check_at_least, check_betas, check_non_negative, check_positive
+from fsbench.data.base import Item
+from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.text import encode_tokens
-from methods.coop import dassl_lr, feature_batches, steps_per_epoch, train_epochs
+from fsbench.training import dassl_lr, dassl_steps, shuffled_batches, train_epochs
+
+# Datasets whose CoOp split-file class names hold underscores and no spaces, so the names with
+# underscores are the prompt names with spaces replaced (TaskRes keeps them; see `official_classnames`).
+UNDERSCORE_NAMES = ("caltech101", "food101", "oxford_pets", "ucf101")
 
 
 @dataclass
@@ -43,8 +56,17 @@ class TaskResConfig:
     logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 0 or self.warmup_epochs < 0:
-            raise ValueError("need batch_size >= 1, epochs >= 0 and warmup_epochs >= 0")
+        if self.scale is not None:
+            check_non_negative("taskres", "scale", self.scale)
+        if self.lr is not None:
+            check_positive("taskres", "lr", self.lr)
+        for name in ("warmup_lr", "logit_scale"):
+            check_positive("taskres", name, getattr(self, name))
+        check_non_negative("taskres", "weight_decay", self.weight_decay)
+        check_betas("taskres", "betas", self.betas)
+        check_at_least("taskres", "batch_size", self.batch_size, 1)
+        check_at_least("taskres", "epochs", self.epochs, 0)
+        check_at_least("taskres", "warmup_epochs", self.warmup_epochs, 0)
 
 
 def official(dataset: str, shots: int) -> tuple[float, float, int]:
@@ -54,13 +76,36 @@ def official(dataset: str, shots: int) -> tuple[float, float, int]:
     return scale, lr, 100 if shots <= 4 else 200
 
 
+def sun397_name(folder: str) -> str:
+    """CoOp's SUN397 class name of an image folder ("a/apartment_building/outdoor" ->
+    "outdoor apartment_building"; CoOp datasets/sun397.py:69-75)."""
+    return " ".join(folder.split("/")[1:][::-1])
+
+
+def official_classnames(dataset: str, names: list[str], items: Sequence[tuple[int, Item]] = ()) -> list[str]:
+    """Class names as TaskRes writes them into its base prompts: CoOp's split-file names, underscores
+    kept (trainers/taskres.py:134 formats the raw names; CoOp's zero-shot code replaces "_" by " ").
+
+    fsbench's names have "_" replaced by " ". For `UNDERSCORE_NAMES` the raw names have no spaces, so
+    the replacement is undone; SUN397's raw names join folder parts with spaces, so they are rebuilt
+    from the folder of a (label, item) of each class in `items` (classes without one keep their name).
+    """
+    if dataset in UNDERSCORE_NAMES:
+        return [n.replace(" ", "_") for n in names]
+    if dataset == "sun397":
+        folders = {label: os.path.dirname(it.path) for label, it in items}
+        return [sun397_name(folders[i]) if i in folders else n for i, n in enumerate(names)]
+    return list(names)
+
+
 @torch.no_grad()
-def base_text_features(method: Method) -> torch.Tensor:
-    """(C, D): per class, the mean of the un-normalised embeddings of its template prompts."""
+def base_text_features(method: Method, classnames: list[str]) -> torch.Tensor:
+    """(C, D): per class, the mean of the un-normalised embeddings of its template prompts
+    (on ImageNet the official 7-template ensemble plus the dataset's template)."""
     ctx = method.ctx
     per_template = []
-    for template in ctx.data.templates:
-        tokens = ctx.backbone.tokenize([template.format(c) for c in ctx.classnames]).to(ctx.device)
+    for template in ensemble_templates(ctx.dataset, ctx.templates, keep_dataset=True):
+        tokens = ctx.backbone.tokenize([template.format(c) for c in classnames]).to(ctx.device)
         per_template.append(encode_tokens(ctx.backbone.model, tokens, normalize=False).float())
     return torch.stack(per_template).mean(0)
 
@@ -74,24 +119,26 @@ class TaskRes(Method):
     paper = "Yu et al., Task Residual for Tuning Vision-Language Models, CVPR 2023"
     summary = "TaskRes: learnable residual (alpha 0.5) on the frozen zero-shot text classifier"
 
-    def _build(self) -> None:
-        self.base = base_text_features(self)
+    def _build(self, train: FewShotData | None = None) -> None:
+        items = list(zip(train.labels.tolist(), train.items, strict=True)) if train is not None else []
+        self.base = base_text_features(self, official_classnames(self.ctx.dataset, self.ctx.classnames, items))
         self.residual = nn.Parameter(torch.zeros_like(self.base))
         self.scale = self.config.scale
         if self.scale is None:
-            self.scale = official(self.ctx.data.name, self.ctx.shots)[0]
+            self.scale = official(self.ctx.dataset, self.ctx.shots)[0]
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
-        self._build()
-        _, lr, epochs = official(ctx.data.name, ctx.shots)
+        self._build(train)
+        _, lr, epochs = official(ctx.dataset, ctx.shots)
         lr, epochs = cfg.lr or lr, cfg.epochs or epochs
+        self.config = dataclasses.replace(cfg, scale=self.scale, lr=lr, epochs=epochs)
         opt = torch.optim.Adam([self.residual], lr=lr, weight_decay=cfg.weight_decay,
                                betas=tuple(cfg.betas))
-        batches = feature_batches(train.features.to(ctx.device), train.labels.to(ctx.device), cfg.batch_size,
-                                  ctx.generator(1))
+        batches = shuffled_batches(train.features.to(ctx.device), train.labels.to(ctx.device), cfg.batch_size,
+                                   ctx.generator(1))
         train_epochs(ctx, opt, batches, lambda x, y: F.cross_entropy(self.logits(x), y), epochs,
-                     steps_per_epoch(len(train), cfg.batch_size),
+                     dassl_steps(len(train), cfg.batch_size),
                      lambda e: dassl_lr(e, lr, epochs, cfg.warmup_epochs, cfg.warmup_lr), "train taskres")
 
     def classifier(self) -> torch.Tensor:
@@ -107,9 +154,11 @@ class TaskRes(Method):
         return self.residual.numel()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"residual": self.residual.detach()}
+        return {"residual": self.residual.detach(), "base": self.base}  # SUN397's base needs the train folders
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._build()
         with torch.no_grad():
             self.residual.copy_(tensors["residual"])
+        if "base" in tensors:
+            self.base = tensors["base"].to(self.residual.device)

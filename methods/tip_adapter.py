@@ -8,7 +8,10 @@ with K the few-shot train features, each the mean over augmented views, and V th
 labels. Defaults follow the official code (github.com/gaopengcuhk/Tip-Adapter: main.py,
 utils.py, configs/*.yaml): 10 augmented views (random resized crop scale 0.5-1, bicubic, + flip),
 alpha and beta searched on a grid of 200 betas x 20 alphas, each from 0.1 to the dataset's
-`search_scale` (`OFFICIAL` below), keeping the first best.
+`search_scale` (`OFFICIAL` below), keeping the first best. On ImageNet the text classifier
+averages the official 7-template ensemble (datasets/imagenet.py:177; `IMAGENET_ENSEMBLE`).
+The per-dataset values that `fit` resolves (init_alpha, init_beta, search_scale) are written back
+into `self.config`, so a result records the values that ran.
 
 Deviations: the official code searches alpha and beta on the dataset's whole validation split
 (main.py), and on the TEST set for ImageNet (main_imagenet.py); we search on the few-shot
@@ -22,7 +25,9 @@ which other images were drawn, and are encoded once per grid.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from fsbench.backbones import Backbone
+from fsbench.config import check_at_least, check_crop_scale, check_list, check_non_negative, positive
+from fsbench.data.templates import ensemble_templates
 from fsbench.features import Features
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
@@ -64,12 +71,19 @@ class TipAdapterConfig:
     init_alpha: float | None = None  # used without search; None = OFFICIAL[dataset]
     init_beta: float | None = None
     view_seed: int = 1  # seeds the views' crops and flips (the official main.py seeds torch with 1)
+    section: ClassVar[str] = "tip_adapter"  # the name in error messages
 
     def __post_init__(self) -> None:
-        if self.augment_views < 1 or len(self.search_step) != 2 or min(self.search_step) < 1:
-            raise ValueError("need augment_views >= 1 and search_step = [beta steps, alpha steps] >= 1")
-        if self.search_scale is not None and len(self.search_scale) != 2:
-            raise ValueError("search_scale must be [beta max, alpha max]")
+        s = self.section
+        check_at_least(s, "augment_views", self.augment_views, 1)
+        check_crop_scale(s, "crop_scale", self.crop_scale)
+        check_list(s, "search_step", self.search_step, "integers >= 1 ([beta steps, alpha steps])",
+                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, length=2)
+        if self.search_scale is not None:
+            check_list(s, "search_scale", self.search_scale, "numbers > 0 ([beta max, alpha max])", positive, 2)
+        for name in ("init_alpha", "init_beta"):
+            if getattr(self, name) is not None:
+                check_non_negative(s, name, getattr(self, name))
 
 
 def official(dataset: str) -> tuple[float, float, list[float]]:
@@ -120,14 +134,9 @@ def augmented_views(ctx: Context, train: FewShotData, views: int, scale: list[fl
     the same views in every run that draws it; they go through the runner's feature cache, so
     a whole shots x seeds grid of Tip-Adapter and Tip-Adapter-F encodes each image's views once.
     """
-    index = train.index
-    if index is None:  # a FewShotData built by hand: find the items' positions in the split
-        where = {(it.path, it.label): i for i, it in enumerate(ctx.data.train)}
-        index = tuple(where[(it.path, it.label)] for it in train.items)
     tf = Views(augment_transform(ctx.backbone, scale), views)
-    feats: Features = ctx.services["features"].items(
-        ctx.backbone, ctx.data, "train", tf, index, tag=f"tip-adapter-views-seed{view_seed}",
-        seed=lambda it: item_seed(view_seed, it.path))
+    feats: Features = ctx.features.encode(train, tf, tag=f"tip-adapter-views-seed{view_seed}",
+                                          seed=lambda it: item_seed(view_seed, it.path))
     return feats.x.transpose(0, 1)
 
 
@@ -151,10 +160,11 @@ class TipAdapter(Method):
         views = augmented_views(self.ctx, train, cfg.augment_views, cfg.crop_scale, cfg.view_seed).to(dev)
         self.keys = F.normalize(views.mean(0), dim=-1)
         self.values = F.one_hot(train.labels, self.ctx.num_classes).float().to(dev)
-        self.text = self.ctx.text_weights().to(dev)
-        init_alpha, init_beta, _ = official(self.ctx.data.name)
+        self.text = self.ctx.text_weights(ensemble_templates(self.ctx.dataset, self.ctx.templates)).to(dev)
+        init_alpha, init_beta, _ = official(self.ctx.dataset)
         self.alpha = init_alpha if cfg.init_alpha is None else cfg.init_alpha
         self.beta = init_beta if cfg.init_beta is None else cfg.init_beta
+        self.config = dataclasses.replace(cfg, init_alpha=self.alpha, init_beta=self.beta)
         return views
 
     def select(self, val: FewShotData) -> None:
@@ -162,7 +172,8 @@ class TipAdapter(Method):
         cfg, dev = self.config, self.ctx.device
         if not cfg.search:
             return
-        scale = cfg.search_scale or official(self.ctx.data.name)[2]
+        scale = cfg.search_scale or official(self.ctx.dataset)[2]
+        self.config = dataclasses.replace(cfg, search_scale=list(scale))
         x = val.features.to(dev).float()
         self.alpha, self.beta = search_alpha_beta(
             self.affinity(x), 100.0 * x @ self.text.T, self.values, val.labels.to(dev),

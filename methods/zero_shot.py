@@ -22,5 +22,9 @@ class ZeroShot(Method):
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         self.weights = self.ctx.text_weights()
 
+    def retarget(self) -> None:
+        """Unseen classes: their prompts through the frozen text tower, as for the fitted ones."""
+        self.fit(None, None)  # type: ignore[arg-type]  (zero-shot fits nothing from data)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return 100.0 * x.float() @ self.weights.T

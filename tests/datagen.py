@@ -134,3 +134,42 @@ def make_imagefolder(root: Path, with_splits: bool, with_val: bool = True, per_c
             for k in range(per_class):
                 write_image(root / split / cls / f"img_{k}.{'png' if k % 2 else 'jpg'}", label)
     return root
+
+
+# --- the domain-generalisation targets (CoOp DATASETS.md, "ImageNetV2" to "ImageNet-R") ----------------
+
+# name -> (folder under the data root, image folder inside it, how a real file is named)
+DG_LAYOUTS = {
+    "imagenet_v2": ("imagenetv2", "imagenetv2-matched-frequency-format-val", "{k}.jpeg"),
+    "imagenet_sketch": ("imagenet-sketch", "images", "sketch_{k}.JPEG"),
+    "imagenet_a": ("imagenet-adversarial", "imagenet-a", "0.00{k}_label _ label_0.5.jpg"),
+    "imagenet_r": ("imagenet-rendition", "imagenet-r", "art_{k}.jpg"),
+}
+
+
+def write_imagenet_classnames(path: Path, wnids: list[str]) -> Path:
+    """CoOp's classnames.txt: "<wnid> <name>" per line, names with spaces ("class 0 name")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{w} class {i} name\n" for i, w in enumerate(wnids)), encoding="utf-8")
+    return path
+
+
+def make_dg_target(root: Path, name: str, classes: list[str], per_class: int = 2,
+                   classnames: list[str] | None = None) -> Path:
+    """Write one DG target's class folders under `root`; returns its image folder.
+
+    `classes` are the folder names: ImageNet label indices as strings for V2, wnids otherwise.
+    With `classnames` (wnids), also write classnames.txt into the target's folder, as CoOp does.
+    A and R get the README.txt their tar files hold beside the class folders.
+    """
+    folder, image_dir, pattern = DG_LAYOUTS[name]
+    images = root / folder / image_dir
+    images.mkdir(parents=True, exist_ok=True)
+    for label, cls in enumerate(classes):
+        for k in range(per_class):
+            write_image(images / cls / pattern.format(k=k), label)
+    if name in ("imagenet_a", "imagenet_r"):
+        (images / "README.txt").write_text("class folders are wnids\n", encoding="utf-8")
+    if classnames is not None:
+        write_imagenet_classnames(root / folder / "classnames.txt", classnames)
+    return images

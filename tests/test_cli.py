@@ -61,12 +61,12 @@ def test_rerun_skips_finished_runs_and_force_redoes_them(workdir, synthetic_root
     mtime = path.stat().st_mtime_ns
     assert _run(*args) == 0
     assert path.stat().st_mtime_ns == mtime
-    assert _run(*args, "--set", "linear_probe.max_iter=50") == 0  # another config: not skipped
-    assert path.stat().st_mtime_ns != mtime
-    assert json.loads(path.read_text())["config"]["max_iter"] == 50
-    mtime = path.stat().st_mtime_ns
+    # another config: never reused, and the finished result is not replaced without --force (exit 2)
+    assert _run(*args, "--set", "linear_probe.max_iter=50") == 2
+    assert path.stat().st_mtime_ns == mtime
     assert _run(*args, "--set", "linear_probe.max_iter=50", "--force") == 0
     assert path.stat().st_mtime_ns != mtime and first
+    assert json.loads(path.read_text())["config"]["max_iter"] == 50
 
 
 @pytest.mark.parametrize("args, message", [
@@ -102,5 +102,5 @@ def test_ls_lists_registered_names(capsys):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in capsys.readouterr().out.splitlines() if line.count("│") == 3}
     assert rows["fgvc_aircraft"] == "aircraft, fgvc" and "aircraft" not in rows  # aliases on their main row
-    assert len(rows) == 13 and rows["imagenet"] == ""  # the 11 datasets + imagefolder + synthetic
+    assert len(rows) == 17 and rows["imagenet"] == ""  # 11 datasets + imagefolder + synthetic + 4 ImageNet variants
     assert main(["ls", "nonsense"]) == 2

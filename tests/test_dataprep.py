@@ -315,8 +315,8 @@ def test_exported_splits_reproduce_in_a_fresh_cache(monkeypatch, tmp_path: Path)
     for method in ("zero_shot", "linear_probe"):
         assert lab_b[method].split_checksum == lab_a[method].split_checksum == doc["splits"][0]["checksum"]
         assert lab_b[method].top1 == lab_a[method].top1
-    stored = json.loads((tmp_path / "B" / ".fsbench_cache/splits/synthetic/shots2_seed1.json").read_text())
-    assert stored["train"] == doc["splits"][0]["train"]  # the SplitStore was pre-seeded
+    # imported splits never replace (or create) the local draw of (dataset, K, seed)
+    assert not (tmp_path / "B" / ".fsbench_cache/splits/synthetic/shots2_seed1.json").exists()
 
 
 def test_imported_split_with_unknown_file_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:

@@ -248,6 +248,7 @@ def test_unknown_dataset_suggests_a_name(tmp_path: Path) -> None:
 
 
 def test_every_registered_reader_is_covered() -> None:
-    covered = set(COOP_NAMES) | {"fgvc_aircraft", "imagenet", "imagefolder", "synthetic"}
+    covered = set(COOP_NAMES) | {"fgvc_aircraft", "imagenet", "imagefolder", "synthetic", "imagenet_v2",
+               "imagenet_sketch", "imagenet_a", "imagenet_r"}  # the last four: tests/test_dg_datasets.py
     aliases = {"flowers102", "pets", "cars", "aircraft", "fgvc"}
     assert set(DATASETS.names()) == covered | aliases

@@ -18,11 +18,14 @@ from fsbench.adapters import load_adapter, save_adapter
 from fsbench.config import method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.images import image_loader
-from fsbench.method import METHODS, Context, Method
+from fsbench.method import METHODS, Context, FeatureSource, Method
 
 SEED, SHOTS, N_TEST = 1, 1, 6
 FAST = {
     "coop": {"epochs": 2},  # one warm-up epoch, one at the full rate
+    "coop_4ctx": {"epochs": 2},
+    "kgcoop": {"epochs": 2},
+    "prograd": {"epochs": 2},
     "cocoop": {"epochs": 1, "batch_size": 5},
     "lora": {"iters_per_shot": 2},
     "peft": {"iters_per_shot": 2},
@@ -31,6 +34,8 @@ FAST = {
     "taskres": {"epochs": 5},
     "tip_adapter_f": {"epochs": 3},
     "lp_plus_plus": {"epochs": 20},
+    "maple": {"epochs": 2},  # depth 9 is capped at test-tiny's 2 blocks
+    "plot_pp": {"epochs": 2},  # per stage
 }
 
 
@@ -56,7 +61,8 @@ def fitted(name: str, runner: Runner, tiny, synthetic) -> Method:
     split = runner.splits.get(synthetic, SHOTS, SEED)
     train, val = runner.fewshot(cls, tiny, synthetic, split)
     torch.manual_seed(SEED)
-    ctx = Context(tiny, synthetic, torch.device("cpu"), SEED, SHOTS, services={"features": runner.features})
+    features = FeatureSource(runner.features, tiny, synthetic)
+    ctx = Context(tiny, synthetic, torch.device("cpu"), SEED, SHOTS, features=features)
     method = cls(config, ctx)
     method.fit(train, val)
     return method
@@ -64,7 +70,7 @@ def fitted(name: str, runner: Runner, tiny, synthetic) -> Method:
 
 @torch.no_grad()
 def scores(method: Method, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return method.logits(inputs[method.input_kind]).float()
+    return method.logits(inputs[method.eval_input or method.input_kind]).float()
 
 
 @pytest.mark.parametrize("name", METHODS.names())

@@ -14,18 +14,11 @@ from fsbench.config import BenchConfig, apply_sets, method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.features import FeatureCache
-from fsbench.method import METHODS, Context, zero_shot_weights
+from fsbench.method import METHODS, Context, FeatureSource, zero_shot_weights
+from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.text import encode_tokens
+from fsbench.training import coop_epochs, dassl_lr, shuffled_batches, train_epochs
 from methods import tip_adapter
-from methods.coop import (
-    build_prompts,
-    coop_epochs,
-    dassl_lr,
-    encode_prompts,
-    feature_batches,
-    frozen_image_features,
-    train_epochs,
-)
 from methods.lora import LoRAConfig
 from methods.lp_plus_plus import class_sums, init_blending, lr_blending, lr_prototypes
 from methods.tip_adapter import grid, search_alpha_beta
@@ -44,7 +37,7 @@ def setup(name: str, runner: Runner, tiny, synthetic, shots: int = 2, **override
     cls = METHODS.get(name)
     train, val = runner.fewshot(cls, tiny, synthetic, runner.splits.get(synthetic, shots, SEED))
     torch.manual_seed(SEED)
-    ctx = Context(tiny, synthetic, CPU, SEED, shots, services={"features": runner.features})
+    ctx = Context(tiny, synthetic, CPU, SEED, shots, features=FeatureSource(runner.features, tiny, synthetic))
     return cls(method_config(cls, overrides), ctx), train, val
 
 
@@ -76,16 +69,16 @@ class SpyCache(FeatureCache):
         super().__init__(inner.root.parent, inner.device, inner.batch_size, inner.workers)
         self.splits: list[str] = []
 
-    def items(self, backbone, data, split, transform, index=None, tag="", seed=None, progress=None):
+    def items(self, backbone, data, split, transform, index=None, tag="", seed=None, progress=None, encode=None):
         self.splits.append(split)
-        return super().items(backbone, data, split, transform, index, tag, seed, progress)
+        return super().items(backbone, data, split, transform, index, tag, seed, progress, encode)
 
 
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
 def test_alpha_beta_search_reads_validation_only(name, runner, tiny, synthetic, monkeypatch):
     method, train, val = setup(name, runner, tiny, synthetic, **({"epochs": 2} if name == "tip_adapter_f" else {}))
     spy = SpyCache(runner.features)
-    method.ctx.services["features"] = spy
+    method.ctx.features = FeatureSource(spy, tiny, synthetic)
     searched = []
     real = tip_adapter.search_alpha_beta
 
@@ -123,7 +116,7 @@ def test_tip_adapter_views_are_encoded_once_per_image(tmp_path, make_runner, tin
         train, val = runner.fewshot(cls, tiny, synthetic, split)
         before = runner.features.encoded_images
         method = cls(method_config(cls, overrides), Context(tiny, synthetic, CPU, seed, shots,
-                                                            services={"features": runner.features}))
+                                                            features=FeatureSource(runner.features, tiny, synthetic)))
         new = set(split.train) - views.keys()
         got = tip_adapter.augmented_views(method.ctx, train, 2, [0.5, 1.0], view_seed=1)
         assert runner.features.encoded_images - before == 2 * len(new)
@@ -191,7 +184,8 @@ def test_cocoop_with_a_silent_meta_net_is_the_init_prompt(runner, tiny, syntheti
     torch.nn.init.zeros_(method.meta[2].bias)
     images = torch.randn(3, 3, tiny.image_size, tiny.image_size)
     text = zero_shot_weights(tiny, synthetic.classnames, ["a photo of a {}."], CPU)
-    torch.testing.assert_close(method.logits(images), 100.0 * frozen_image_features(tiny, images) @ text.T)
+    feats = frozen_image_features(tiny, images)  # eval_input = "features": logits score frozen features
+    torch.testing.assert_close(method.logits(feats), 100.0 * feats @ text.T)
 
 
 def test_taskres_with_a_zero_residual_is_zero_shot(runner, tiny, synthetic):
@@ -237,7 +231,7 @@ def test_dassl_schedule_warm_up_then_cosine():
 
 def test_a_non_finite_loss_fails_the_run(tiny, synthetic):
     w = torch.nn.Parameter(torch.zeros(1))
-    batches = feature_batches(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 2, torch.Generator())
+    batches = shuffled_batches(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 2, torch.Generator())
     with pytest.raises(RunFailed, match="non-finite loss in epoch 1 of 3"):
         train_epochs(Context(tiny, synthetic, CPU, SEED, 1), torch.optim.SGD([w], lr=0.1), batches,
                      lambda x, y: w.sum() * float("nan"), 3, 2, lambda epoch: 0.1, "test")
@@ -257,7 +251,8 @@ PAPER_DEFAULTS = {
                     "search_scale": None},
     "tip_adapter_f": {"augment_views": 10, "lr": 1e-3, "eps": 1e-4, "weight_decay": 1e-2, "batch_size": 256,
                       "epochs": 0},
-    "clip_adapter": {"reduction": 4, "ratio": 0.2, "lr": 0.002, "batch_size": 32, "epochs": 0, "momentum": 0.9,
+    "clip_adapter": {"reduction": 4, "ratio": None, "ratios": [0.2, 0.4, 0.6, 0.8], "lr": 0.002,
+                     "batch_size": 32, "epochs": 0, "momentum": 0.9,
                      "weight_decay": 5e-4, "warmup_epochs": 1, "warmup_lr": 1e-5},
     "lp_plus_plus": {"epochs": 300, "alpha_every": 10, "alpha_init_scale": 250.0, "momentum": 0.9},
     "taskres": {"scale": None, "lr": None, "weight_decay": 5e-4, "betas": [0.9, 0.999], "batch_size": 256,

@@ -184,7 +184,7 @@ def test_cost_table_medians(df, store):
 
 
 def test_compare_to_paper_delta(df, store):
-    with open(ROOT / "results" / "reference" / "clip_lora_paper.csv") as fh:
+    with open(ROOT / "results" / "reference" / "clip_lora_paper_top1.csv") as fh:
         paper = {(r["backbone"], r["method"], r["dataset"], int(r["shots"])): float(r["top1"])
                  for r in csv.DictReader(fh)}
     comparison = compare_to_reference(df, load_reference())

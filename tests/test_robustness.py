@@ -82,7 +82,7 @@ def test_shots_larger_than_a_class(capsys, synthetic_root: Path, tmp_path: Path,
     code, err = run_cli(capsys, *args)
     assert code == 3 and "has 16 images but 17 shots were asked" in err and "--allow-repeat" in err
     assert run_cli(capsys, *args, "--allow-repeat")[0] == 0  # CoOp's fallback: sample with replacement
-    split = json.loads((tmp_path / ".fsbench_cache/splits/synthetic/shots17_seed1.json").read_text())
+    split = json.loads((tmp_path / ".fsbench_cache/splits/synthetic/shots17_seed1_repeat.json").read_text())
     assert len(split["train"]) == 170 and len({tuple(x) for x in split["train"]}) <= 160
 
 

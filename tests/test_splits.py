@@ -64,11 +64,13 @@ def test_store_persists_and_reuses_the_same_images(synthetic, tmp_path):
     path = store.path("synthetic", 2, 1)
     saved = json.loads(path.read_text())
     assert saved["checksum"] == first.checksum(synthetic)
-    # Edit the persisted file: the store must use it, not redraw.
-    saved["train"] = saved["train"][::-1]
+    assert store.get(synthetic, 2, 1) == first  # reused
+    # A hand-edited draw no longer matches its checksum: it is drawn again (the same images), never used.
+    saved["train"] = saved["train"][::-1][:1] * 2
     path.write_text(json.dumps(saved))
     again = store.get(synthetic, 2, 1)
-    assert again.train == tuple(reversed(first.train))
+    assert again == first
+    assert json.loads(path.read_text())["checksum"] == first.checksum(synthetic)
 
 
 def test_portable_json_round_trip_and_foreign_files_rejected(synthetic):

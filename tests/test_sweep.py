@@ -125,8 +125,12 @@ def test_plan_skips_same_config_and_reruns_a_changed_one(workdir, synthetic_root
     plan = build_plan(Runner(tiny_cfg(workdir, synthetic_root)), specs)
     assert (len(plan.todo), len(plan.done), len(plan.failed)) == (0, 4, 0)
     changed = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")), specs)
-    assert [s.method for s in changed.todo] == ["linear_probe", "linear_probe"]
-    assert len(changed.done) == 2
+    assert not changed.todo and len(changed.done) == 2  # a finished result of another config is not replaced
+    assert [s.method for s, _ in changed.conflicts] == ["linear_probe", "linear_probe"]
+    assert all("method config changed" in reason for _, reason in changed.conflicts)
+    replaced = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")), specs,
+                          replace_changed=True)  # --retry changed
+    assert [s.method for s in replaced.todo] == ["linear_probe", "linear_probe"] and replaced.todo[0].replace
     forced = build_plan(Runner(tiny_cfg(workdir, synthetic_root)), specs, force=True)
     assert len(forced.todo) == 4
 
@@ -317,7 +321,8 @@ def test_ablation_grid_is_figure_3():
 def test_bench_toml_is_the_papers_full_study():
     cfg = load_bench(ROOT / "bench.toml")
     shipped = {n for n in METHODS.names() if METHODS.get(n).__module__.startswith("methods.")}  # not test plugins
-    assert set(cfg.study.methods) == shipped - {"peft"}  # peft: an optional cross-check of lora
+    # peft: an optional cross-check of lora; clap, gda, prolip: 2024 baselines beyond the paper's study
+    assert set(cfg.study.methods) == shipped - {"peft", "clap", "gda", "prolip"}
     assert (len(cfg.study.datasets), cfg.study.shots, cfg.study.seeds) == (11, [1, 2, 4, 8, 16], [1, 2, 3])
     lora = METHODS.get("lora")
     assert method_config(lora, cfg.methods["lora"]) == lora.Config()  # written out = the paper's defaults

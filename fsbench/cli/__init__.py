@@ -23,8 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     except FsbenchError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished runs are kept; run the same command again to resume")
+        return 130
     except SystemExit as exc:  # standalone mode always ends here, usage errors included
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 130:  # click turns Ctrl-C into exit 130 ("Aborted!")
+            err_console.print("interrupted: finished runs are kept; run the same command again to resume")
+        return code
     return 0
 
 

@@ -50,11 +50,34 @@ def split_list(values: list[str] | None) -> list[str]:
     return [v.strip() for v in itertools.chain.from_iterable(x.split(",") for x in values or []) if v.strip()]
 
 
+MAX_RANGE = 10_000  # items one "a-b" range may expand to
+
+
 def int_list(values: list[str] | None, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in split_list(values)]
-    except ValueError:
-        raise ConfigError(f"{flag} takes integers, got {values}") from None
+    """Integers from repeated flags, comma lists and inclusive ranges: --seeds 1-10, --seeds 1-3,7.
+
+    Duplicates are dropped (first occurrence kept); a malformed or descending range is a ConfigError.
+    """
+    out: dict[int, None] = {}  # an ordered set
+    for item in split_list(values):
+        lo, sep, hi = item.partition("-") if not item.startswith("-") else (item, "", "")
+        try:
+            ints = range(int(lo), int(hi) + 1) if sep else [int(item)]
+        except ValueError:
+            raise ConfigError(f"{flag} takes integers or ranges such as 1-10, got {item!r}") from None
+        if sep and not 0 < len(ints) <= MAX_RANGE:
+            raise ConfigError(f"{flag}: range {item!r} must run upwards over at most {MAX_RANGE} values, e.g. 1-10")
+        out.update(dict.fromkeys(ints))
+    return list(out)
+
+
+def _headline(r: Result) -> str:
+    """top1, or the protocol's metrics ("B 71.2 / N n/a / H n/a"); "n/a" where the method cannot produce one."""
+    if r.protocol == "fewshot" or not r.metrics:
+        return f"{r.top1:.2f}" if r.top1 is not None else "-"
+    names = [k for k in r.metrics if not k.startswith("ece")]
+    cells = [f"{k} {'n/a' if r.metrics[k] is None else format(r.metrics[k], '.2f')}" for k in names]
+    return " / ".join(cells)
 
 
 @contextlib.contextmanager
@@ -82,7 +105,7 @@ def results_table(results: list[Result], title: str = "results") -> Table:
     for col in ("method", "backbone", "dataset", "shots", "seed", "top1", "train s", "params", "status"):
         table.add_column(col, justify="right" if col in ("shots", "seed", "top1", "train s", "params") else "left")
     for r in results:
-        top1 = f"{r.top1:.2f}" if r.top1 is not None else "-"
+        top1 = _headline(r)
         secs = f"{r.train_seconds:.1f}" if r.train_seconds is not None else "-"
         params = f"{r.trainable_params:,}" if r.trainable_params is not None else "-"
         status = r.status if r.status == "ok" else f"[red]{r.status}: {r.error}[/]"

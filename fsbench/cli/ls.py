@@ -43,14 +43,30 @@ def _datasets() -> Table:
 
 
 def _backbones() -> Table:
-    from fsbench.backbones import BACKBONES, PAPER_BACKBONES
+    from fsbench.backbones import ALIASES, BACKBONES, PAPER_BACKBONES, TINY_FAMILIES, describe
+    from fsbench.method import METHODS
 
     table = Table(title="backbones (any open_clip model name also works, with --pretrained TAG)")
-    table.add_column("name")
-    table.add_column("open_clip model")
-    table.add_column("default weights")
-    for key, (model, tag) in PAPER_BACKBONES.items():
-        table.add_row(key.upper().replace("VIT", "ViT"), model, tag)
-    for name in BACKBONES.names():
-        table.add_row(name, "CLIP (tiny config)", "random, seeded")
+    for col in ("name", "open_clip model", "default weights", "family", "text pooling", "methods"):
+        table.add_column(col, overflow="fold")
+    names = [k.upper().replace("VIT", "ViT") for k in PAPER_BACKBONES] + list(ALIASES)
+    for name in names + BACKBONES.names() + list(TINY_FAMILIES):
+        info = describe(name)
+        weights = "random, seeded" if info.tag == "none" else info.tag
+        table.add_row(name, info.model, weights, info.family, _pooling(info), _support(info, METHODS))
     return table
+
+
+def _pooling(info) -> str:
+    """How the text tower pools, and whether fsbench may cut prompts after the pooled token."""
+    if info.text.pool == "hf":
+        return "Hugging Face text model"
+    mask = "causal" if info.text.causal else "bidirectional"
+    cut = "prompts truncated (exact)" if info.text.truncatable else "full length"
+    return f"{mask}, {info.text.pool}; {cut}"
+
+
+def _support(info, methods) -> str:
+    """"all", or the methods that do not apply in full, each with its one-line reason."""
+    limits = [f"{n}: {r}" for n in methods.names() if (r := methods.get(n).supports(info))]
+    return "all" if not limits else "all but\n" + "\n".join(limits)

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from fsbench.cli.app import app, console
+from fsbench.cli.app import app, console, err_console
 from fsbench.errors import ConfigError
+from fsbench.io import ensure_writable
 
 
 @app.command()
@@ -20,23 +22,30 @@ def report(
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated outputs among md,csv,tex,png,pdf.")] = "md,csv,tex,png,pdf",
     compare: Annotated[str | None, typer.Option(
-        "--compare", help='"paper" (the CLIP-LoRA paper\'s numbers) or a reference CSV.')] = None,
+        "--compare", help='"paper" (every number of the CLIP-LoRA paper: Tables 1-5, Figure 3) or a '
+                          'reference CSV of top-1 cells.')] = None,
+    reference_method: Annotated[str | None, typer.Option(
+        "--reference-method", help="Method the paired differences are taken against (default: lora).")] = None,
 ) -> None:
-    """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), cost and Pareto plot."""
+    """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), statistics (confidence
+    intervals, paired differences, Wilcoxon tests, critical-difference diagrams, ECE), cost and Pareto plot;
+    base-to-new, cross-dataset and domain-generalisation tables and a Base-vs-New figure for those protocols."""
     from fsbench.report import main_table, to_rich, write_report
     from fsbench.report.tables import blocks
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
 
     formats = parse_formats(formats)
+    ensure_writable(str(out), "--out DIR")  # a file in the way, a read-only folder: one line, before any work
     if not results.is_dir():
         raise ConfigError(f"results folder {results} does not exist; pass --results DIR")
-    df = load_results(results)
+    df = load_results(results, warn=lambda line: err_console.print(f"[yellow]warning:[/] {escape(line)}",
+                                                                   highlight=False, soft_wrap=True))
     if df.empty:
         raise ConfigError(f"no finished results under {results}; run `fsbench run` first")
     df = select_backbones(df, backbone)
     notes: list[str] = []
-    written = write_report(df, out, formats, compare=compare, notes=notes)
+    written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method)
     for b, s in blocks(df):
         console.print(to_rich(main_table(df, b, s)))
     for note in notes:

@@ -10,7 +10,7 @@ import typer
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, results_table, split_list
 from fsbench.config import BenchConfig
-from fsbench.errors import RunFailed
+from fsbench.errors import ConfigError, RunFailed
 from fsbench.registry import load_plugin
 from fsbench.results import Result
 
@@ -18,15 +18,26 @@ Opt = typer.Option
 
 
 def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrained: str = "",
-           checkpoint: str = ""):
-    """RunSpecs for the product of the lists (flags override the study's lists)."""
-    from fsbench.engine import RunSpec
+           checkpoint: str = "", protocols=None):
+    """RunSpecs for the product of the lists (flags override the study's lists; None = not given).
+    Dataset aliases become their main name, so "pets" and "oxford_pets" are one dataset."""
+    from fsbench.data import DATASETS
+    from fsbench.spec import RunSpec
 
     study = cfg.study
-    grid = itertools.product(methods or study.methods, backbones or study.backbones,
-                             datasets or study.datasets, shots or study.shots, seeds or study.seeds)
-    return [RunSpec(m, b, d, k, s, pretrained or study.pretrained, checkpoint or study.checkpoint)
-            for m, b, d, k, s in grid]
+    lists = {"--method": methods, "--backbone": backbones, "--dataset": datasets, "--shots": shots,
+             "--seed": seeds, "--protocol": protocols}
+    for flag, given in lists.items():
+        if given is not None and not given:
+            raise ConfigError(f"{flag} was given an empty value; name at least one (or leave the flag out "
+                              "to use the study's list from bench.toml)")
+    if any(k < 1 for k in shots or []):
+        raise ConfigError(f"--shots must be >= 1, got {min(shots)}")
+    grid = itertools.product(protocols or study.protocols, methods or study.methods, backbones or study.backbones,
+                             [DATASETS.canonical(d) for d in datasets or study.datasets],
+                             shots or study.shots, seeds or study.seeds)
+    return [RunSpec(m, b, d, k, s, pretrained or study.pretrained, checkpoint or study.checkpoint, protocol=p)
+            for p, m, b, d, k, s in grid]
 
 
 def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
@@ -41,12 +52,12 @@ def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:
         for spec in specs:
             bars.update(overall, description=f"{spec.method} {spec.backbone} {spec.dataset} "
                                              f"K={spec.shots} seed={spec.seed}")
-            result, reused = runner.run(spec, force=force)
-            results.append(result)
+            done, reused = runner.run_all(spec, force=force)
+            results += done
             bars.advance(overall)
             if reused:
-                console.print(f"[dim]skipped (already done): {spec.method} {spec.backbone} "
-                              f"{spec.dataset} K={spec.shots} seed={spec.seed}[/]")
+                console.print(f"[dim]skipped (already done, same identity): {spec.method} {spec.backbone} "
+                              f"{spec.dataset} K={spec.shots} seed={spec.seed}{_protocol(spec)}[/]")
     return results
 
 
@@ -56,7 +67,9 @@ def run(
     backbone: list[str] = Opt(None, "--backbone", "-b", help="e.g. ViT-B/16, test-tiny."),
     dataset: list[str] = Opt(None, "--dataset", "-d", help="Dataset name(s)."),
     shots: list[str] = Opt(None, "--shots", "-k", help="Shots per class, e.g. 1,2,4."),
-    seed: list[str] = Opt(None, "--seed", "-s", help="Seeds, e.g. 1,2,3."),
+    seed: list[str] = Opt(None, "--seed", "-s", help="Seeds, e.g. 1,2,3 or 1-10."),
+    protocol: list[str] = Opt(None, "--protocol", "-p", help="fewshot (default) | base2new | cross_dataset | "
+                              "domain_generalisation."),
     pretrained: str = Opt("", help="open_clip pretrained tag; 'none' = seeded random weights."),
     checkpoint: str = Opt("", help="Local checkpoint file instead of a pretrained tag."),
     config: Path = Opt(None, "--config", "-c", help="Study file (default: ./bench.toml if present)."),
@@ -68,7 +81,8 @@ def run(
     allow_repeat: bool = Opt(None, "--allow-repeat", help="Sample with replacement in small classes."),
     skip_bad_images: bool = Opt(None, "--skip-bad-images", help="Leave out undecodable images (counted)."),
     splits: Path = Opt(None, "--splits", help="Few-shot splits file from `fsbench data export-splits`."),
-    force: bool = Opt(False, "--force", help="Re-run even when a result with the same config exists."),
+    force: bool = Opt(False, "--force", help="Re-run even when a result of the same identity exists, and replace "
+                      "a finished result of a different identity (refused without it)."),
     save_adapter: Path = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) "
                              "under DIR/<backbone>/<dataset>/<method>/shots<K>_seed<S>/."),
     plugin: list[Path] = Opt(None, "--plugin", help="Python file registering extra methods."),
@@ -79,8 +93,9 @@ def run(
     cfg = load_config(config, set_, data_root=data_root, results=results, device=device,
                       workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
                       splits=splits, save_adapters=save_adapter.absolute() if save_adapter else None)
-    specs = expand(cfg, split_list(method), split_list(backbone), split_list(dataset),
-                   int_list(shots, "--shots"), int_list(seed, "--seed"), pretrained, checkpoint)
+    specs = expand(cfg, _given(method, split_list), _given(backbone, split_list), _given(dataset, split_list),
+                   _given(shots, int_list, "--shots"), _given(seed, int_list, "--seed"), pretrained, checkpoint,
+                   _given(protocol, split_list))
     _validate_names(specs)
     done = execute(cfg, specs, force)
     console.print(results_table(done))
@@ -90,12 +105,24 @@ def run(
         raise RunFailed(f"{len(failed)} of {len(done)} runs failed (first: {failed[0].error})")
 
 
+def _given(values, parse, *args):
+    """None when the flag was not given, else its parsed list (possibly empty: an error in `expand`)."""
+    return None if values is None else parse(values, *args)
+
+
+def _protocol(spec) -> str:
+    return "" if spec.protocol == "fewshot" else f" ({spec.protocol})"
+
+
 def _validate_names(specs) -> None:
     """Fail fast on unknown names, before any model is built."""
     from fsbench.backbones import resolve_factory
     from fsbench.data import DATASETS
     from fsbench.method import METHODS
+    from fsbench.protocols import PROTOCOLS
 
+    for name in {s.protocol for s in specs}:
+        PROTOCOLS.get(name)
     for name in {s.method for s in specs}:
         METHODS.get(name)
     for name in {s.dataset for s in specs}:

@@ -10,7 +10,6 @@ worker; 2 for a configuration error; 130 on Ctrl-C (finished runs are kept: run 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +18,13 @@ from rich.markup import escape
 
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, split_list
-from fsbench.cli.run import _validate_names, expand
+from fsbench.cli.run import _given, _validate_names, expand
 from fsbench.config import BenchConfig
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.registry import load_plugin
 
 if TYPE_CHECKING:  # the sweep machinery imports torch: loaded by the commands, not by `import fsbench.cli`
-    from fsbench.engine import RunSpec
+    from fsbench.spec import RunSpec
     from fsbench.sweep import Plan, Tally
 
 Opt = typer.Option
@@ -39,7 +38,8 @@ RESULTS = Opt(None, "--results", help="Results folder (default results/runs).")
 DATA_ROOT = Opt(None, "--data-root", help="Folder holding the datasets.")
 DEVICE = Opt(None, "--device", help="auto | cpu | cuda | cuda:N (local executor).")
 DRY_RUN = Opt(False, "--dry-run", help="Print the plan and its size, run nothing.")
-RETRY = Opt("", "--retry", help="'failed': also rerun runs whose stored result failed (skipped by default).")
+RETRY = Opt("", "--retry", help="'failed': also rerun runs whose stored result failed (skipped by default); "
+            "'changed': rerun runs whose stored finished result has another identity, replacing it.")
 EXECUTOR = Opt(None, "--executor", help="local (this process, one device) | ray (default: sweep.executor).")
 RAY_ADDRESS = Opt(None, "--ray-address", help="Ray cluster to join ('auto', host:port); default: a local instance.")
 SET = Opt(None, "--set", help="Override SECTION.KEY=VALUE, e.g. lora.rank=4 or sweep.max_failures=10.")
@@ -53,6 +53,8 @@ SAVE_ADAPTER = Opt(None, "--save-adapter", help="Save what each run learned (saf
 def sweep(
     config: Path = CONFIG,
     methods: list[str] = Opt(None, "--methods", help="Methods, e.g. lora,coop (overrides the file's list)."),
+    protocols: list[str] = Opt(None, "--protocols", help="Protocols, e.g. fewshot,base2new (overrides the file's "
+                               "list)."),
     backbones: list[str] = BACKBONES, datasets: list[str] = DATASETS, shots: list[str] = SHOTS,
     seeds: list[str] = SEEDS, results: str = RESULTS, data_root: str = DATA_ROOT, device: str = DEVICE,
     dry_run: bool = DRY_RUN, retry: str = RETRY, executor: str = EXECUTOR, ray_address: str = RAY_ADDRESS,
@@ -61,8 +63,9 @@ def sweep(
     """Run the whole study (and the ablation grid when enabled), resumable, locally or on Ray."""
     cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device,
                 save_adapters=_absolute(save_adapter))
-    specs = expand(cfg, split_list(methods), split_list(backbones), split_list(datasets),
-                   int_list(shots, "--shots"), int_list(seeds, "--seeds"))
+    specs = expand(cfg, _given(methods, split_list), _given(backbones, split_list), _given(datasets, split_list),
+                   _given(shots, int_list, "--shots"), _given(seeds, int_list, "--seeds"),
+                   protocols=_given(protocols, split_list))
     if cfg.ablation.enabled:
         from fsbench.sweep import ablation_specs
 
@@ -104,25 +107,39 @@ def _absolute(path: Path | None) -> str | None:
 
 def _sweep(cfg: BenchConfig, specs: list[RunSpec], dry_run: bool, retry: str, force: bool,
            plugins: list[Path]) -> None:
-    from fsbench.engine import Runner
+    from fsbench.resolve import Resolver, ResultConflict
     from fsbench.sweep.plan import build_plan, remove_stale_temp
     from fsbench.sweep.summary import plan_line, plan_table
 
-    if retry not in ("", "failed"):
-        raise ConfigError(f"--retry takes 'failed', got {retry!r}")
+    if retry not in ("", "failed", "changed"):
+        raise ConfigError(f"--retry takes 'failed' or 'changed', got {retry!r}")
     _validate_names(specs)
-    # Planning only reads result files: a CPU runner, so a GPU-less Ray head can plan a GPU sweep.
-    planner = Runner(replace(cfg, runtime=replace(cfg.runtime, device="cpu")))
-    plan = build_plan(planner, specs, force, retry_failed=retry == "failed")
+    # Planning only reads result files and data lists: a CPU runner, so a GPU-less Ray head can plan a GPU
+    # sweep, and a read-only results folder can be planned.
+    planner = Resolver(cfg, writable=not dry_run)
+    plan = build_plan(planner, specs, force, retry_failed=retry == "failed", replace_changed=retry == "changed")
     if dry_run:
         console.print(plan_table(plan))
         console.print(f"plan: {plan_line(plan)}")
+        _report_conflicts(plan)
         return
+    if plan.conflicts:
+        _report_conflicts(plan)
+        raise ResultConflict(f"{len(plan.conflicts)} run(s) would replace a finished result of a different identity; "
+                             "nothing ran. Rerun them with --retry changed, everything with --force, or use "
+                             "--results DIR to keep both")
     if removed := remove_stale_temp(cfg.runtime.results):
         console.print(f"[dim]removed {removed} temp files left by a killed writer[/]")
     console.print(f"plan: {plan_line(plan)} [dim](executor: {cfg.sweep.executor})[/]")
     tally = _execute(cfg, plan, force, plugins)
     _summarise(cfg, tally, plan)
+
+
+def _report_conflicts(plan: Plan) -> None:
+    for _spec, reason in plan.conflicts[:5]:
+        console.print(f"[yellow]changed[/] {escape(reason)}", highlight=False)
+    if len(plan.conflicts) > 5:
+        console.print(f"[yellow]... and {len(plan.conflicts) - 5} more changed runs[/]")
 
 
 def _execute(cfg: BenchConfig, plan: Plan, force: bool, plugins: list[Path]) -> Tally:

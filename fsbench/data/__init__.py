@@ -1,4 +1,6 @@
-"""Dataset readers: the 11 CoOp datasets, ImageFolder and a synthetic set."""
+"""Dataset readers: the 11 CoOp datasets, the four test-only ImageNet variants of domain generalisation
+(imagenet_variants), ImageFolder and a synthetic set. Every module here is imported (and so registers)
+on the first registry look-up."""
 
 from fsbench.data.base import DATASETS, DatasetSplits, Item, register_dataset
 from fsbench.registry import import_all

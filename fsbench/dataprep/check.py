@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbench.data import DATASETS, DatasetSplits, aircraft, coop, imagenet, load_dataset, synthetic
+from fsbench.data import DATASETS, DatasetSplits, aircraft, coop, imagenet, imagenet_variants, load_dataset, synthetic
 from fsbench.dataprep.sources import SOURCES
 from fsbench.errors import DataError
 
@@ -60,6 +60,9 @@ def find_layout(name: str, root: Path) -> str:
         return "-"
     if name == aircraft.NAME:
         return next((f for f in aircraft.FOLDERS if (root / f / "variants.txt").is_file()), "-")
+    if name in imagenet_variants.VARIANTS:  # test-only domain-generalisation targets
+        v = imagenet_variants.VARIANTS[name]
+        return next((f"{v.folder}/{d}/ (CoOp)" for d in v.image_dirs if (root / v.folder / d).is_dir()), "-")
     spec = next((s for s in (*coop.LAYOUTS, synthetic.LAYOUT) if s.name == name), None)
     if spec is None:
         return "-"
@@ -138,6 +141,8 @@ def _check_files(report: CheckReport, data: DatasetSplits, root: Path, verify: b
         report.problems.append(f"{len(report.unreadable):,} files are unreadable (first: {report.unreadable[0]})")
         report.fixes.append("replace or delete them, or run with --skip-bad-images")
     per_class = Counter(it.label for it in data.train)
+    if not per_class:  # a test-only dataset (the domain-generalisation targets): no shots to draw
+        return
     report.per_class = (min(per_class.values()), max(per_class.values()))
     small = [c for c, n in per_class.items() if n < MAX_SHOTS]
     if small:

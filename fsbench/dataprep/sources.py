@@ -15,6 +15,17 @@ Sources, per column:
   reader splits 90/10 into train and val) and the 50,000 official val images as test.
 - Manual steps: Stanford Cars' official links are dead (KaiyangZhou/CoOp issue 61,
   pytorch/vision issue 7545); ImageNet needs an account at image-net.org.
+- The domain-generalisation targets (test only, so expected = (0, 0, test)): the archives the
+  authors link (ImageNet-A/R: hendrycks/natural-adv-examples and hendrycks/imagenet-r READMEs;
+  Sketch: the Google Drive file of HaohanWang/ImageNet-Sketch's README; V2: the Hugging Face copy
+  of modestyachts/ImageNetV2's matched-frequency tarball, as its imagenetv2_pytorch loader and
+  TFDS use, since the S3 bucket in CoOp's DATASETS.md line 187 has been unreliable). sha256s and
+  sizes: tensorflow/datasets, tensorflow_datasets/datasets/imagenet_{a,r,v2,sketch}/checksums.tsv;
+  the A/R md5s agree with several torchvision-style loaders (e.g. ENSTA-U2IS-AI/torch-uncertainty,
+  torch_uncertainty/datasets/imagenet/imagenet_{a,r}.py). Not re-downloaded here to confirm them.
+  Counts: V2 10,000; Sketch 50,889; A 7,500; R 30,000, the sizes reported for the released
+  archives (not recounted here). Each also fetches CoOp's classnames.txt into its folder, where
+  CoOp's readers look for it.
 """
 
 from __future__ import annotations
@@ -86,7 +97,13 @@ def _split(name: str, folder: str, drive_id: str) -> Download:
     return Download(f"split_zhou_{name}.json", drive_id=drive_id, save_to=folder)
 
 
+def _imagenet_classnames(folder: str) -> Download:
+    """CoOp's ImageNet classnames.txt (DATASETS.md), copied into a variant's folder as CoOp does."""
+    return Download("classnames.txt", drive_id="1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF", save_to=folder)
+
+
 VGG = "https://www.robots.ox.ac.uk/~vgg/data"
+HENDRYCKS = "https://people.eecs.berkeley.edu/~hendrycks"
 
 SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
     DatasetSource(
@@ -176,5 +193,39 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
                   extract=True),
          _split("UCF101", "ucf101", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y")),
         expected=(7_639, 1_898, 3_783), classes=101,
+    ),
+    DatasetSource(
+        "imagenet_v2",
+        (Download("imagenetv2-matched-frequency.tar.gz",
+                  url="https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
+                  sha256="f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c",  # 1,264,079,360 B
+                  save_to="imagenetv2", extract=True),
+         _imagenet_classnames("imagenetv2")),
+        expected=(0, 0, 10_000), classes=1000,
+    ),
+    DatasetSource(
+        "imagenet_sketch",  # zip top folder sketch/ -> CoOp's images/
+        (Download("ImageNet-Sketch.zip", drive_id="1Mj0i5HBthqH1p_yeXzsg22gZduvgoNeA",
+                  sha256="4d3ce6b82a7c48aabf14aeac105eb533e75707f152cc858f55bfc022031a72ed",  # 7,593,573,012 B
+                  save_to="imagenet-sketch", extract=True),
+         _imagenet_classnames("imagenet-sketch")),
+        expected=(0, 0, 50_889), classes=1000,
+        moves=(("imagenet-sketch/sketch", "imagenet-sketch/images"),),
+    ),
+    DatasetSource(
+        "imagenet_a",
+        (Download("imagenet-a.tar", url=f"{HENDRYCKS}/imagenet-a.tar", md5="c3e55429088dc681f30d81f4726b6595",
+                  sha256="3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e",  # 687,552,512 B
+                  save_to="imagenet-adversarial", extract=True),
+         _imagenet_classnames("imagenet-adversarial")),
+        expected=(0, 0, 7_500), classes=200,
+    ),
+    DatasetSource(
+        "imagenet_r",
+        (Download("imagenet-r.tar", url=f"{HENDRYCKS}/imagenet-r.tar", md5="a61312130a589d0ca1a8fca1f2bd3337",
+                  sha256="18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52",  # 2,191,079,936 B
+                  save_to="imagenet-rendition", extract=True),
+         _imagenet_classnames("imagenet-rendition")),
+        expected=(0, 0, 30_000), classes=200,
     ),
 )}

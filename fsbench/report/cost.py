@@ -79,6 +79,45 @@ def cost_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+PAPER_COST_COLUMNS = ["method", "paper_time", "paper_seconds", "backbone", "runs", "train_seconds", "ratio"]
+
+
+def paper_cost_table(df: pd.DataFrame, times: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 of the CLIP-LoRA paper beside fsbench's measured training time.
+
+    One row per Table 1 method and fsbench backbone: the paper's time (text and seconds; one A100,
+    each method's own code) and the median `train_seconds` of fsbench's runs of the same cell
+    (method, dataset, shots: 16-shot ImageNet), NaN when there is none; other datasets or shot
+    counts are never put beside the paper's number. `ratio` = fsbench / paper.
+    `times` is `fsbench.report.compare.load_training_times()`. Columns: `PAPER_COST_COLUMNS`.
+    """
+    ok = main_runs(df)
+    backbones = sorted(set(ok["backbone"])) if not ok.empty else []
+    rows = []
+    for t in times.itertuples(index=False):
+        for backbone in backbones or [None]:
+            cell = ok[(ok["backbone"] == backbone) & (ok["method"] == t.method) & (ok["dataset"] == t.dataset)
+                      & (ok["shots"] == t.shots)] if backbone else ok.iloc[:0]
+            seconds = pd.to_numeric(cell["train_seconds"], errors="coerce").median() if len(cell) else np.nan
+            rows.append({"method": t.method, "paper_time": t.training_time, "paper_seconds": t.paper_seconds,
+                         "backbone": backbone or "–", "runs": len(cell), "train_seconds": seconds,
+                         "ratio": seconds / t.paper_seconds if t.paper_seconds else np.nan})
+    return pd.DataFrame(rows, columns=PAPER_COST_COLUMNS)
+
+
+def paper_cost_markdown(table: pd.DataFrame) -> str:
+    """Markdown of a `paper_cost_table`: the paper's time, fsbench's median time and their ratio."""
+    lines = ["Table 1 of the paper (16-shot ImageNet, one A100 80 GB, each method's own code) beside "
+             "fsbench's median training time of the same cell (– = no such run):", "",
+             "| Method | Paper (Table 1) | Backbone | Runs | fsbench | fsbench / paper |",
+             "|:---|---:|:---|---:|---:|---:|"]
+    for r in table.itertuples(index=False):
+        ratio = "–" if pd.isna(r.ratio) else f"{r.ratio:.2f}×"
+        lines.append(f"| {method_label(r.method)} | {r.paper_time} | {r.backbone} | {r.runs} "
+                     f"| {human_seconds(r.train_seconds)} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def pareto_front(points: pd.DataFrame, x: str = "time", y: str = "acc") -> pd.DataFrame:
     """The points no other point beats on both axes (lower x and higher y), sorted by x."""
     front, best = [], -np.inf

@@ -29,6 +29,7 @@ AVERAGE = "average"  # the pseudo-dataset key of the Average column
 # Row order of the paper (zero-shot first, prompts, adapters, CLIP-LoRA last).
 METHODS: dict[str, str] = {
     "zero_shot": "Zero-shot CLIP",
+    "coop_4ctx": "CoOp (4)",
     "coop": "CoOp",
     "cocoop": "CoCoOp",
     "plot_pp": "PLOT++",
@@ -40,6 +41,9 @@ METHODS: dict[str, str] = {
     "clip_adapter": "CLIP-Adapter",
     "taskres": "TaskRes",
     "lp_plus_plus": "LP++",
+    "clap": "CLAP",
+    "gda": "GDA",
+    "prolip": "ProLIP",
     "lora": "CLIP-LoRA",
 }
 HIGHLIGHT = "lora"  # drawn thicker, in its own colour, in figures

@@ -62,6 +62,19 @@ def clean(df: pd.DataFrame) -> pd.DataFrame:
     return ok
 
 
+def is_fewshot(df: pd.DataFrame) -> pd.Series:
+    """True for rows of the few-shot protocol (the paper's); a frame without a `protocol` column
+    (schema 1) is all few-shot."""
+    if "protocol" not in df.columns:
+        return pd.Series(True, index=df.index, dtype=bool)
+    return (df["protocol"].fillna("fewshot") == "fewshot").astype(bool)
+
+
+def fewshot_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The few-shot protocol's rows (`is_fewshot`)."""
+    return df[is_fewshot(df)]
+
+
 def is_ablation_variant(method: str, config, extra) -> bool:
     """A LoRA ablation run stored under its own label (Figure 3 only, not a main-table row).
 
@@ -76,8 +89,8 @@ def is_ablation_variant(method: str, config, extra) -> bool:
 
 
 def main_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """`clean` rows minus LoRA ablation variants: what the main table, Figure 2 and cost use."""
-    ok = clean(df)
+    """Few-shot `clean` rows minus LoRA ablation variants: what the main table, Figure 2 and cost use."""
+    ok = clean(fewshot_rows(df))
     if ok.empty:
         return ok
     variant = [is_ablation_variant(m, c, e) for m, c, e in zip(ok["method"], ok["config"], ok["extra"],

@@ -1,31 +1,31 @@
 """A sweep's plan: the study expanded into runs, finished ones skipped, the rest ordered.
 
-`build_plan` sorts every run into to do, done (an ok result with the same config exists) and
-failed (a failed result with the same config exists: skipped unless retried), using
-`Runner.previous`, the same check `fsbench run` uses. Runs are ordered so that those sharing a
+`build_plan` sorts every run into to do, done (an ok result of the same identity exists), failed
+(a failed result of the same identity exists: skipped unless retried) and conflicts (a finished
+result of another identity: kept unless `--retry changed` or `--force`), using `Resolver.decide`,
+the same decision `fsbench run` takes. Runs are ordered so that those sharing a
 (backbone, dataset) are adjacent, groups in the order the study lists them: a worker then loads
 each model and dataset once and reuses its feature cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fsbench import adapters
 from fsbench.config import BenchConfig, method_config
-from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError
+from fsbench.io import remove_stale_temp  # noqa: F401 (re-exported)
 from fsbench.method import METHODS
+from fsbench.resolve import Resolver
+from fsbench.spec import RunSpec
 
 GroupKey = tuple[str, str]
 ABLATION_FIELDS = ("matrices", "rank", "position", "encoder")  # the method config fields Figure 3 varies
-STALE_TEMP_SECONDS = 600  # an atomic write lasts milliseconds; older temp files were left by a killed writer
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Plan:
     todo: list[RunSpec] = field(default_factory=list)
     done: list[RunSpec] = field(default_factory=list)
     failed: list[RunSpec] = field(default_factory=list)  # failed earlier, skipped (rerun: retry_failed)
+    conflicts: list[tuple[RunSpec, str]] = field(default_factory=list)  # a finished result of another identity
 
 
 def group_key(spec: RunSpec) -> GroupKey:
@@ -49,21 +50,24 @@ def order_runs(specs: list[RunSpec]) -> list[RunSpec]:
     return sorted(unique, key=lambda s: (backbones[s.backbone], datasets[s.dataset]))
 
 
-def build_plan(runner: Runner, specs: list[RunSpec], force: bool = False, retry_failed: bool = False) -> Plan:
-    """Split `specs` into to do / done / failed; every run's config is resolved (and validated) here."""
+def build_plan(runner: Resolver, specs: list[RunSpec], force: bool = False, retry_failed: bool = False,
+               replace_changed: bool = False) -> Plan:
+    """Split `specs` into to do / done / failed / conflicts by the identity of their stored results (the
+    same decision `fsbench run` takes); every run's config, data and draw are resolved and validated here.
+    `replace_changed` (`--retry changed`) puts the conflicts into to do, marked to replace their result."""
     plan = Plan()
     for spec in order_runs(specs):
-        old = runner.previous(spec)
-        saving = runner.cfg.runtime.save_adapters
-        if saving and old is not None and old.status == "ok" and not adapters.is_saved(
-                adapters.adapter_dir(saving, spec)):
-            old = None  # `--save-adapter`: a result whose adapter was never saved runs again
-        if force or old is None or (old.status != "ok" and retry_failed):
-            plan.todo.append(spec)
-        elif old.status == "ok":
+        decision = runner.decide(runner.prepare(spec), force)
+        if decision.action == "reuse":
             plan.done.append(spec)
-        else:
+        elif decision.action == "conflict" and replace_changed:
+            plan.todo.append(dataclasses.replace(spec, replace=True))
+        elif decision.action == "conflict":
+            plan.conflicts.append((spec, decision.reason))
+        elif decision.action == "failed" and not retry_failed:
             plan.failed.append(spec)
+        else:
+            plan.todo.append(spec)
     return plan
 
 
@@ -98,15 +102,6 @@ def ablation_specs(cfg: BenchConfig, backbones: list[str] | None = None,
                              seeds or ab.seeds, ablation_variants(cfg).items())
     return [RunSpec(ab.method, b, d, k, s, study.pretrained, study.checkpoint, label=label, overrides=variant)
             for b, d, k, s, (label, variant) in grid]
-
-
-def remove_stale_temp(results_dir: str | Path, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Delete temp files that a killed writer left under `results_dir`; returns how many."""
-    cutoff = time.time() - older_than
-    stale = [p for p in Path(results_dir).rglob(".*.tmp") if p.is_file() and p.stat().st_mtime < cutoff]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
 
 
 class WorkQueue:

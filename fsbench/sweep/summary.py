@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from rich.markup import escape
 from rich.table import Table
 
-from fsbench.engine import RunSpec
 from fsbench.results import Result
+from fsbench.spec import RunSpec
 from fsbench.sweep.plan import Plan, group_key
 
 
@@ -86,6 +86,8 @@ def plan_line(plan: Plan) -> str:
     line = f"{len(plan.todo)} runs to do, {len(plan.done)} already done (skipped)"
     if plan.failed:
         line += f", {len(plan.failed)} failed earlier (skipped; rerun them with --retry failed)"
+    if plan.conflicts:
+        line += f", {len(plan.conflicts)} changed since their finished result (kept; rerun with --retry changed)"
     return line
 
 

@@ -1,0 +1,258 @@
+"""Evaluation protocols: what a method is fitted on and what it is scored on.
+
+A protocol turns (source dataset, K, seed) into an `Episode`: the few-shot train and validation
+positions, the `ClassSet` the method is fitted on, and for each result it produces (one per
+evaluated dataset) the named `EvalSet`s to score and how their accuracies become metrics.
+The runner never branches on a protocol's name; a new protocol is one registered subclass.
+
+Registered: `fewshot` (K shots of every class, all test images), `base2new` (CoCoOp's
+base-to-new generalisation), `cross_dataset` (fit on a source, score on other datasets' classes)
+and `domain_generalisation` (fit on ImageNet, score on its shifted variants). This module never
+imports torch, so the sweep planner and reports can use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
+from fsbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """Classes a method is fitted on or scored against.
+
+    `lineage` names the label space `labels` index into (the dataset itself, or "imagenet" for
+    ImageNet's variants whose classes are ImageNet classes), so a class set can be recognised as
+    a subset of another: a method fitted on ImageNet's 1,000 classes scores ImageNet-A's 200 by
+    selecting rows, without needing to handle unseen classes.
+    """
+
+    dataset: str
+    lineage: str
+    labels: tuple[int, ...]
+    names: tuple[str, ...]
+    templates: tuple[str, ...]
+    train_template: str = TRAIN_TEMPLATE
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows_in(self, other: ClassSet) -> list[int] | None:
+        """Positions of this set's classes among `other`'s, or None if some class is not in `other`."""
+        if self.lineage != other.lineage:
+            return None
+        where = {label: i for i, label in enumerate(other.labels)}
+        rows = [where.get(label) for label in self.labels]
+        return None if any(r is None for r in rows) else rows  # type: ignore[misc]
+
+    def subset(self, positions: list[int]) -> ClassSet:
+        """The classes at `positions` of this set, in that order."""
+        return ClassSet(self.dataset, self.lineage, tuple(self.labels[i] for i in positions),
+                        tuple(self.names[i] for i in positions), self.templates, self.train_template)
+
+
+def class_set(data: DatasetSplits) -> ClassSet:
+    """All classes of `data`; ImageNet variants carry their ImageNet label indices."""
+    mapped = data.extra.get("imagenet_labels")
+    if mapped is not None:
+        lineage, labels = "imagenet", tuple(mapped)
+    else:
+        lineage, labels = data.name, tuple(range(len(data.classnames)))
+    return ClassSet(data.name, lineage, labels, tuple(data.classnames), tuple(data.templates), data.train_template)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Test images to score: `positions` of `dataset`'s test split, each with its index in `classes`."""
+
+    metric: str
+    dataset: str
+    positions: tuple[int, ...]
+    targets: tuple[int, ...]
+    classes: ClassSet
+
+
+@dataclass(frozen=True)
+class Target:
+    """One result of an episode: the dataset it reports on and the sets that make its metrics."""
+
+    dataset: str
+    evals: tuple[EvalSet, ...]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What one run fits and evaluates. `train`/`val` are positions in the source dataset's train
+    and val splits and `train_targets`/`val_targets` their class indices in `classes`."""
+
+    source: str
+    classes: ClassSet
+    train: tuple[int, ...]
+    train_targets: tuple[int, ...]
+    val: tuple[int, ...]
+    val_targets: tuple[int, ...]
+    results: tuple[Target, ...]
+
+
+class Protocol:
+    """Base class of protocols. Subclasses set `name` (by registering), `version` (bump when a
+    change alters numbers), `metric_names` and `headline` (the metric stored as `top1`), and
+    implement `episode`; `targets` lists the datasets besides the source that must be loaded."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    metric_names: ClassVar[tuple[str, ...]] = ("top1",)
+    headline: ClassVar[str] = "top1"
+    summary: ClassVar[str] = ""
+    source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
+
+    def __init__(self, targets: tuple[str, ...] = ()):
+        self.target_names = tuple(targets)
+
+    def targets(self, source: str) -> list[str]:
+        """Datasets to load besides the source."""
+        return [t for t in self.target_names if t != source]
+
+    def episode(self, source: DatasetSplits, train: tuple[int, ...], val: tuple[int, ...],
+                targets: dict[str, DatasetSplits]) -> Episode:
+        raise NotImplementedError
+
+    def metrics(self, accuracies: dict[str, float | None]) -> dict[str, float | None]:
+        """Per-set accuracies -> the reported metrics (default: as they are)."""
+        return dict(accuracies)
+
+    def folder(self, source: str) -> str:
+        """The result path segment under the method's folder ("" keeps the few-shot layout)."""
+        return f"{self.name}-from-{source}" if self.source_result else self.name
+
+
+PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
+
+
+def register_protocol(name: str) -> Callable[[type[Protocol]], type[Protocol]]:
+    return PROTOCOLS.register(name)
+
+
+def whole_test(data: DatasetSplits, classes: ClassSet, metric: str = "top1") -> EvalSet:
+    """Every test image of `data`, scored against all of `classes` (labels are class indices)."""
+    return EvalSet(metric, data.name, tuple(range(len(data.test))), tuple(it.label for it in data.test), classes)
+
+
+def _targets_of(data: DatasetSplits, positions: tuple[int, ...], split: str, keep: dict[int, int]) -> tuple:
+    items = data.split(split)
+    return tuple(keep[items[i].label] for i in positions)
+
+
+@register_protocol("fewshot")
+class FewShot(Protocol):
+    """K shots of every class; top-1 on the whole test split (the CLIP-LoRA paper's protocol)."""
+
+    summary = "K shots of every class, top-1 on the full test split"
+
+    def folder(self, source: str) -> str:
+        return ""  # results written before protocols existed live here, and still load
+
+    def episode(self, source, train, val, targets):
+        classes = class_set(source)
+        every = {c: c for c in range(len(classes))}
+        return Episode(source.name, classes, train, _targets_of(source, train, "train", every), val,
+                       _targets_of(source, val, "val", every), (Target(source.name, (whole_test(source, classes),)),))
+
+
+def base_new_labels(n_classes: int) -> tuple[list[int], list[int]]:
+    """CoCoOp's class split: sorted labels, the first ceil(n/2) are base, the rest new.
+
+    Zhou et al., CVPR 2022; KaiyangZhou/CoOp `datasets/oxford_pets.py`, `subsample_classes`:
+    `m = math.ceil(n / 2)`, base = labels[:m], new = labels[m:], each relabelled from 0.
+    """
+    m = math.ceil(n_classes / 2)
+    return list(range(m)), list(range(m, n_classes))
+
+
+def harmonic_mean(base: float | None, new: float | None) -> float | None:
+    """H = 2BN / (B + N) (CoCoOp, Table 1); None when either is missing, 0 when both are 0."""
+    if base is None or new is None:
+        return None
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+@register_protocol("base2new")
+class BaseToNew(Protocol):
+    """CoCoOp's base-to-new generalisation: fit on K shots of the base half of the classes; score
+    the base classes' test images against the base classes and the new classes' against the new."""
+
+    metric_names = ("base", "new", "hm")
+    headline = "hm"
+    summary = "fit on the base half of the classes; Base, New and their harmonic mean"
+
+    def episode(self, source, train, val, targets):
+        everything = class_set(source)
+        base, new = base_new_labels(len(everything))
+        keep = {c: i for i, c in enumerate(base)}
+        train = tuple(i for i in train if source.train[i].label in keep)
+        val = tuple(i for i in val if source.val[i].label in keep)
+        evals = []
+        for metric, labels in (("base", base), ("new", new)):
+            local = {c: i for i, c in enumerate(labels)}
+            pos = tuple(i for i, it in enumerate(source.test) if it.label in local)
+            evals.append(EvalSet(metric, source.name, pos, tuple(local[source.test[i].label] for i in pos),
+                                 everything.subset(labels)))
+        fit = everything.subset(base)
+        return Episode(source.name, fit, train, _targets_of(source, train, "train", keep), val,
+                       _targets_of(source, val, "val", keep), (Target(source.name, tuple(evals)),))
+
+    def metrics(self, accuracies):
+        base, new = accuracies.get("base"), accuracies.get("new")
+        return {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+
+
+class _Transfer(Protocol):
+    """Fit once on the source (all classes, K shots), then score the same fitted method on each
+    target's whole test split against the target's classes, without refitting."""
+
+    source_result = True
+
+    def episode(self, source, train, val, targets):
+        classes = class_set(source)
+        every = {c: c for c in range(len(classes))}
+        results = [Target(source.name, (whole_test(source, classes),))]
+        results += [Target(name, (whole_test(data, class_set(data)),)) for name, data in targets.items()]
+        return Episode(source.name, classes, train, _targets_of(source, train, "train", every), val,
+                       _targets_of(source, val, "val", every), tuple(results))
+
+
+CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+                 "sun397", "dtd", "eurosat", "ucf101")
+DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+@register_protocol("cross_dataset")
+class CrossDataset(_Transfer):
+    """CoCoOp's cross-dataset transfer (Zhou et al., CVPR 2022, Table 2): source ImageNet by default,
+    the ten other datasets as targets (`[study] cross_targets`)."""
+
+    summary = "fit on a source dataset, evaluate on other datasets' classes without refitting"
+
+
+@register_protocol("domain_generalisation")
+class DomainGeneralisation(_Transfer):
+    """CoCoOp's domain generalisation (Table 3): source ImageNet; targets ImageNet-V2, -Sketch, -A and -R
+    (`[study] dg_targets`); A and R score against their 200 ImageNet classes."""
+
+    summary = "fit on ImageNet, evaluate on ImageNet-V2/-Sketch/-A/-R"
+
+
+def make_protocol(name: str, cross_targets: list[str] | tuple[str, ...] = CROSS_TARGETS,
+                  dg_targets: list[str] | tuple[str, ...] = DG_TARGETS) -> Protocol:
+    """The protocol `name` with the study's target lists (did-you-mean on an unknown name)."""
+    cls = PROTOCOLS.get(name)
+    if cls is CrossDataset:
+        return cls(tuple(cross_targets))
+    if cls is DomainGeneralisation:
+        return cls(tuple(dg_targets))
+    return cls()

@@ -1,0 +1,253 @@
+"""The training toolkit every trained method uses: seeded shuffled batches, Dassl's warm-up + cosine
+schedule, one optimisation loop, one best-on-validation rule, and the Dassl SGD recipe as a config.
+
+The CoOp family (CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe, PLOT++), CLIP-Adapter and TaskRes all train
+with Dassl (github.com/KaiyangZhou/Dassl.pytorch, c61a1b5); this module holds its rules once:
+- `dassl_steps`: the train loader drops its last partial batch when the set holds at least one
+  batch (dassl/data/data_manager.py:43), else yields one batch of everything;
+- `dassl_lr`: ConstantWarmupScheduler (dassl/optim/lr_scheduler.py) around CosineAnnealingLR, stepped
+  once per epoch;
+- `DasslRecipe`: SGD with momentum 0.9 and weight decay 5e-4 (dassl/config/defaults.py OPTIM), batch 32.
+
+Usage (a method's `fit`)::
+
+    recipe = cfg  # a config that inherits DasslRecipe
+    opt = recipe.optimizer([param])
+    batches = shuffled_batches(x, y, recipe.batch_size, ctx.generator(1))
+    train_epochs(ctx, opt, batches, loss_fn, epochs, dassl_steps(len(y), recipe.batch_size),
+                 recipe.schedule(epochs), "train mymethod")
+
+Randomness is explicit: every shuffle draws from a `torch.Generator` the caller seeds (`ctx.generator`),
+one `randperm` per epoch, so two runs with the same seed see the same batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Generic, Literal, TypeVar
+
+import torch
+
+from fsbench.config import check_at_least, check_fraction, check_non_negative, check_positive
+from fsbench.data.base import Item
+from fsbench.errors import RunFailed
+from fsbench.images import load_images
+from fsbench.method import Context, FewShotData
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# a custom backward: (loss, scaler) -> None; must leave the (scaled) gradients in `.grad`
+Backward = Callable[[torch.Tensor, torch.amp.GradScaler], None]
+T = TypeVar("T")
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+
+def dassl_steps(n: int, batch_size: int) -> int:
+    """Batches per epoch of Dassl's train loader: the last partial batch is dropped when the set
+    holds at least one batch (Dassl c61a1b5, dassl/data/data_manager.py:43), else one batch of all."""
+    return n // batch_size if n >= batch_size else 1
+
+
+def all_steps(n: int, batch_size: int) -> int:
+    """Batches per epoch that keep the last partial batch (PyTorch's `drop_last=False`)."""
+    return max(1, math.ceil(n / batch_size))
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator,
+                  steps: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless (epoch, indices) batches: one `randperm(n)` per epoch, then `steps` consecutive slices
+    of `batch_size` (default `dassl_steps(n, batch_size)`; `all_steps` keeps the partial batch)."""
+    steps = dassl_steps(n, batch_size) if steps is None else steps
+    for epoch in itertools.count():
+        order = torch.randperm(n, generator=generator)
+        for i in range(steps):
+            yield epoch, order[i * batch_size:(i + 1) * batch_size]
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                     steps: int | None = None) -> Batches:
+    """Endless epochs of shuffled (x, y) batches of tensors (cached features); `steps` per epoch as
+    `index_batches` (default: Dassl's drop-last rule)."""
+    for _, idx in index_batches(len(y), batch_size, generator, steps):
+        yield x[idx.to(x.device)], y[idx.to(y.device)]
+
+
+def image_batches(items: Sequence[Item], root: Path, transform: Callable, batch_size: int,
+                  generator: torch.Generator, steps: int | None = None) -> Batches:
+    """Endless epochs of shuffled, freshly augmented image batches from images decoded once.
+
+    Few-shot sets are small (at most 16 x 1000 images), so every file is decoded once and augmented
+    in memory. Shuffling uses `generator`; the random transforms use torch's global RNG, which the
+    runner seeds per run. `steps` per epoch as `index_batches` (default: Dassl's drop-last rule).
+    """
+    images = load_images(items, root)
+    labels = torch.tensor([it.label for it in items], dtype=torch.long)
+    for _, idx in index_batches(len(images), batch_size, generator, steps):
+        yield torch.stack([transform(images[i]) for i in idx.tolist()]), labels[idx]
+
+
+def fewshot_image_batches(data: FewShotData, transform: Callable, batch_size: int, generator: torch.Generator,
+                          steps: int | None = None) -> Batches:
+    """`image_batches` of a few-shot set's items."""
+    return image_batches(data.items, data.image_root, transform, batch_size, generator, steps)
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+
+
+def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """Learning rate of `epoch` under Dassl's ConstantWarmupScheduler wrapping CosineAnnealingLR.
+
+    Warm-up epochs run at the constant `warmup_lr`; the cosine (period `epochs`) starts after them,
+    so epoch `warmup_epochs` runs at the full `lr`.
+    """
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def cosine_lr(step: int, lr: float, total: int) -> float:
+    """CosineAnnealingLR(T_max=total, eta_min=0) at `step`, in closed form (no warm-up)."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+
+
+def coop_epochs(shots: int, dataset: str) -> int:
+    """CoOp's epochs per shot count (CoOp COOP.md, configs/trainers/CoOp/*_ep50/100/200): 50 for 1 shot,
+    100 for 2-4, 200 for 8-16; 50 for every shot count on ImageNet."""
+    if dataset == "imagenet" or shots <= 1:
+        return 50
+    return 100 if shots <= 4 else 200
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DasslRecipe:
+    """Dassl's SGD recipe (the CoOp family's): a base class of method configs, so its fields stay
+    top-level TOML keys (`[methods.coop] lr = 0.002`). Subclasses redeclare a field to change its
+    default and set `section` (the method name) for error messages."""
+
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    epochs: int = 0  # 0 = the method's own schedule (e.g. CoOp's 50 / 100 / 200 per shot count)
+    warmup_epochs: int = 1  # constant warm-up epochs at warmup_lr before the cosine
+    warmup_lr: float = 1e-5
+
+    section: ClassVar[str] = "recipe"
+
+    def __post_init__(self) -> None:
+        check_recipe(self.section, self)
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+        """SGD over `params` with the recipe's lr, momentum and weight decay."""
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def schedule(self, epochs: int) -> Callable[[int], float]:
+        """epoch -> learning rate: Dassl's constant warm-up then cosine over `epochs`."""
+        return lambda epoch: dassl_lr(epoch, self.lr, epochs, self.warmup_epochs, self.warmup_lr)
+
+
+def check_recipe(section: str, cfg: DasslRecipe) -> None:
+    """Range checks of the recipe fields, as one-line `ConfigError`s naming `section.field`."""
+    check_positive(section, "lr", cfg.lr)
+    check_positive(section, "warmup_lr", cfg.warmup_lr)
+    check_fraction(section, "momentum", cfg.momentum)
+    check_non_negative(section, "weight_decay", cfg.weight_decay)
+    check_at_least(section, "batch_size", cfg.batch_size, 1)
+    check_at_least(section, "epochs", cfg.epochs, 0)
+    check_at_least(section, "warmup_epochs", cfg.warmup_epochs, 0)
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn, epochs: int,
+                 steps: int, lr_of_epoch: Callable[[int], float] | None, desc: str, *, amp: bool = True,
+                 lr_of_step: Callable[[int], float] | None = None, backward: Backward | None = None,
+                 end_epoch: Callable[[int], None] | None = None) -> None:
+    """The one optimisation loop: `epochs` x `steps` updates of `loss_fn(x, y)` on `batches`.
+
+    Per epoch the lr is set to `lr_of_epoch(epoch)` (None: left as the optimiser has it); with
+    `lr_of_step`, to `lr_of_step(global step)` before every update instead. Under `amp` the loss runs
+    in `ctx.autocast()` with a GradScaler for fp16. `backward(loss, scaler)` replaces
+    `scaler.scale(loss).backward()` (gradient surgery, e.g. ProGrad); `end_epoch(epoch)` runs after
+    each epoch's updates (validation, outer steps). A non-finite loss raises `RunFailed`; it is checked
+    once per epoch, as each check is a host-device sync. Progress goes through `ctx.track`.
+    """
+    scaler = torch.amp.GradScaler(enabled=amp and ctx.amp_dtype == torch.float16)
+    for epoch in ctx.track(range(epochs), epochs, desc):
+        if lr_of_epoch is not None:
+            _set_lr(opt, lr_of_epoch(epoch))
+        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+        for step in range(steps):
+            if lr_of_step is not None:
+                _set_lr(opt, lr_of_step(epoch * steps + step))
+            finite &= _update(ctx, opt, next(batches), loss_fn, scaler, amp, backward)
+        if not finite:
+            raise RunFailed(f"{desc}: non-finite loss in epoch {epoch + 1} of {epochs}")
+        if end_epoch is not None:
+            end_epoch(epoch)
+
+
+def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn,
+            scaler: torch.amp.GradScaler, amp: bool, backward: Backward | None) -> torch.Tensor:
+    """One optimiser step on `batch`; returns whether its loss was finite (a device tensor, no sync)."""
+    x, y = batch
+    with ctx.autocast() if amp else torch.autocast(ctx.device.type, enabled=False):
+        loss = loss_fn(x.to(ctx.device, non_blocking=True), y.to(ctx.device))
+    opt.zero_grad(set_to_none=True)
+    if backward is None:
+        scaler.scale(loss).backward()
+    else:
+        backward(loss, scaler)
+    scaler.step(opt)
+    scaler.update()
+    return torch.isfinite(loss.detach()).to(ctx.device)
+
+
+# ---- selection -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction (0-1) of rows whose arg-max is the label."""
+    return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
+
+
+class BestOnValidation(Generic[T]):
+    """The one selection rule: keep the state with the highest validation accuracy.
+
+    `offer(accuracy, snapshot)` keeps `snapshot()` (called only then) when the accuracy beats the best
+    so far; on ties the first offer is kept (`ties="first"`, strict >) or the last (`ties="last"`, >=,
+    LP++'s official rule). The first offer is always kept, even a NaN accuracy (a single candidate).
+    """
+
+    def __init__(self, initial: T | None = None, ties: Literal["first", "last"] = "first"):
+        if ties not in ("first", "last"):
+            raise ValueError(f"ties must be 'first' or 'last', got {ties!r}")
+        self.state, self.ties, self.accuracy = initial, ties, None
+        self.index: int | None = None  # which offer (0-based) is kept
+        self._offers = 0
+
+    def offer(self, accuracy: float, snapshot: Callable[[], T]) -> bool:
+        """Keep `snapshot()` if `accuracy` is the best so far; return whether it was kept."""
+        n, self._offers = self._offers, self._offers + 1
+        better = self.accuracy is None or (accuracy >= self.accuracy if self.ties == "last"
+                                           else accuracy > self.accuracy)
+        if better:
+            self.accuracy, self.state, self.index = accuracy, snapshot(), n
+        return better
