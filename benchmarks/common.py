@@ -18,7 +18,7 @@ from fsbench.data.base import DatasetSplits, Item
 from fsbench.engine import amp_dtype
 from fsbench.io import atomic_write_json
 from fsbench.method import Context, FewShotData
-from methods.lora import CLIPLoRA, LoRAConfig
+from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; others: --peak-tflops.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

@@ -27,8 +27,8 @@ from reference import reference_batches, reference_model
 from fsbench.augment import augment, to_uint8_tensor
 from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.images import augmented_batches
+from fsbench.methods.lora import LoRAConfig, inject_lora, train_transform
 from fsbench.text import bucket_tokens, encode_buckets, encode_token_embeddings
-from methods.lora import LoRAConfig, inject_lora, train_transform
 
 
 def full_length(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

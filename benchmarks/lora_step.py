@@ -38,7 +38,7 @@ from fsbench.backbones import Backbone, BackboneSpec, build_backbone
 from fsbench.data.base import DatasetSplits
 from fsbench.images import default_workers
 from fsbench.method import FewShotData
-from methods.lora import LoRAConfig, train_transform
+from fsbench.methods.lora import LoRAConfig, train_transform
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,7 +29,7 @@ from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.data.base import DatasetSplits
 from fsbench.engine import amp_dtype
 from fsbench.method import Context
-from methods.lora import CLIPLoRA, LoRAConfig
+from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 
 
 def rss() -> int:

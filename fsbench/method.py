@@ -227,7 +227,7 @@ class Method(ABC):
 
 
 METHODS: Registry[type[Method]] = Registry("method", entry_point_group="fsbench.methods", base=Method)
-METHODS.add_loader(lambda: import_all("methods"))
+METHODS.add_loader(lambda: import_all("fsbench.methods"))
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import pkgutil
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
@@ -121,6 +122,7 @@ def load_plugin(path: str | Path) -> None:
 def import_all(package: str) -> None:
     """Import every module of `package` (each registers what it defines)."""
     pkg = importlib.import_module(package)
-    for file in sorted(Path(pkg.__file__).parent.glob("*.py")):
-        if not file.stem.startswith("_"):
-            importlib.import_module(f"{package}.{file.stem}")
+    names = {m.name for m in pkgutil.iter_modules(getattr(pkg, "__path__", []))}  # every folder of its path
+    for name in sorted(names):
+        if not name.startswith("_"):
+            importlib.import_module(f"{package}.{name}")

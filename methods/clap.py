@@ -40,9 +40,9 @@ from fsbench.config import check_at_least, check_crop_scale, check_fraction, che
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
+from fsbench.methods.taskres import base_text_features, official_classnames
+from fsbench.methods.tip_adapter import augment_transform
 from fsbench.training import dassl_lr, dassl_steps, shuffled_batches, train_epochs
-from methods.taskres import base_text_features, official_classnames
-from methods.tip_adapter import augment_transform
 
 CONSTRAINTS = ("l2", "cosine", "none")
 MULTIPLIERS = ("zero_shot", "balanced", "corrected", "constant")

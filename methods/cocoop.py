@@ -28,9 +28,9 @@ from torch import nn
 
 from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.method import FewShotData, Method, count_trainable, register_method
+from fsbench.methods.lora import train_transform
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
-from methods.lora import train_transform
 
 TEXT_BATCH = 2048  # prompts per text-encoder call at evaluation (images x classes)
 

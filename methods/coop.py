@@ -33,6 +33,7 @@ from torch import nn
 
 from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.method import FewShotData, Method, register_method
+from fsbench.methods.lora import train_transform
 from fsbench.prompts import Prompts, build_prompts, encode_prompts, frozen_image_features
 from fsbench.training import (
     Backward,
@@ -43,7 +44,6 @@ from fsbench.training import (
     fewshot_image_batches,
     train_epochs,
 )
-from methods.lora import train_transform
 
 __all__ = ["CoOp", "CoOpConfig", "Prompts", "build_prompts", "coop_epochs", "dassl_lr", "encode_prompts",
            "frozen_image_features", "train_epochs"]

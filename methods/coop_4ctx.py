@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fsbench.method import register_method
-from methods.coop import CoOp, CoOpConfig
+from fsbench.methods.coop import CoOp, CoOpConfig
 
 
 @dataclass

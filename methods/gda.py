@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fsbench.config import check_at_least, check_crop_scale, check_list, check_positive
 from fsbench.method import FewShotData, Method, register_method
-from methods.tip_adapter import augmented_views
+from fsbench.methods.tip_adapter import augmented_views
 
 
 def _finite(value: object) -> bool:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fsbench.config import check_non_negative
 from fsbench.method import FewShotData, register_method
-from methods.coop import CoOp, CoOpConfig
+from fsbench.methods.coop import CoOp, CoOpConfig
 
 
 @dataclass

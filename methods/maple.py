@@ -41,6 +41,7 @@ from fsbench.backbones import BackboneInfo
 from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
+from fsbench.methods.lora import train_transform
 from fsbench.prompts import INIT_STD, Prompts, assemble_prompts, build_prompts
 from fsbench.towers import (
     Hook,
@@ -54,7 +55,6 @@ from fsbench.towers import (
     vision_tokens,
 )
 from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
-from methods.lora import train_transform
 
 
 @dataclass

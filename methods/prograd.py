@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 from fsbench.config import check_positive
 from fsbench.method import FewShotData, register_method
+from fsbench.methods.coop import CoOp, CoOpConfig
 from fsbench.prompts import Prompts, build_prompts, frozen_image_features
 from fsbench.training import Backward
-from methods.coop import CoOp, CoOpConfig
 
 TEMPLATE = "template"  # `init` value: the words of the dataset's ProGrad template before the class name
 # ProGrad's hand-crafted templates where they differ from "a photo of a {}." (trainers/prograd.py:201-217)

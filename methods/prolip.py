@@ -41,8 +41,8 @@ from fsbench.config import check_at_least, check_crop_scale, check_non_negative,
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
+from fsbench.methods.tip_adapter import augment_transform
 from fsbench.training import cosine_lr, train_epochs
-from methods.tip_adapter import augment_transform
 
 
 @dataclass

@@ -44,7 +44,7 @@ def test_top1_is_computed_from_predictions(workdir, synthetic_root, monkeypatch)
     """Accuracy is measured: a method that always answers class 0 scores exactly 1/C."""
     import torch
 
-    from methods.zero_shot import ZeroShot
+    from fsbench.methods.zero_shot import ZeroShot
 
     monkeypatch.setattr(ZeroShot, "logits", lambda self, x: torch.nn.functional.one_hot(
         torch.zeros(len(x), dtype=torch.long), self.ctx.num_classes).float())

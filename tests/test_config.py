@@ -6,7 +6,7 @@ import pytest
 
 from fsbench.config import BenchConfig, apply_sets, load_bench, method_config, parse_value
 from fsbench.errors import ConfigError
-from methods.lora import CLIPLoRA
+from fsbench.methods.lora import CLIPLoRA
 
 
 def test_defaults_are_the_paper_study():

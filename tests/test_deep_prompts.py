@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import methods.plot_pp as plot_pp
+import fsbench.methods.plot_pp as plot_pp
 from fsbench.config import method_config
 from fsbench.errors import ConfigError
 from fsbench.method import Context
+from fsbench.methods.maple import MaPLe, MaPLePrompts
+from fsbench.methods.plot_pp import TEMPLATES, PlotPP, ot_scores, sinkhorn, template_prompts
 from fsbench.prompts import assemble_prompts, encode_prompts, frozen_image_features
 from fsbench.towers import text_forward, vision_tokens
-from methods.maple import MaPLe, MaPLePrompts
-from methods.plot_pp import TEMPLATES, PlotPP, ot_scores, sinkhorn, template_prompts
 
 
 def _method(cls, tiny, synthetic, **overrides):

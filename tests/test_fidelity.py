@@ -14,9 +14,9 @@ from fsbench.config import method_config
 from fsbench.data.base import Item
 from fsbench.data.templates import IMAGENET_ENSEMBLE, ensemble_templates
 from fsbench.method import METHODS, Context, FewShotData
+from fsbench.methods import clip_adapter, linear_probe, taskres, tip_adapter
+from fsbench.methods.clip_adapter import dassl_batches, dassl_steps
 from fsbench.protocols import ClassSet
-from methods import clip_adapter, linear_probe, taskres, tip_adapter
-from methods.clip_adapter import dassl_batches, dassl_steps
 
 CPU = torch.device("cpu")
 NAMES = ("american bulldog", "apple pie", "abbey")

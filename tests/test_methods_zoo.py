@@ -15,13 +15,13 @@ from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.features import FeatureCache
 from fsbench.method import METHODS, Context, FeatureSource, zero_shot_weights
+from fsbench.methods import tip_adapter
+from fsbench.methods.lora import LoRAConfig
+from fsbench.methods.lp_plus_plus import class_sums, init_blending, lr_blending, lr_prototypes
+from fsbench.methods.tip_adapter import grid, search_alpha_beta
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.text import encode_tokens
 from fsbench.training import coop_epochs, dassl_lr, shuffled_batches, train_epochs
-from methods import tip_adapter
-from methods.lora import LoRAConfig
-from methods.lp_plus_plus import class_sums, init_blending, lr_blending, lr_prototypes
-from methods.tip_adapter import grid, search_alpha_beta
 
 SEED = 1
 CPU = torch.device("cpu")
@@ -267,7 +267,7 @@ def test_defaults_are_the_papers(name):
 
 
 def test_per_dataset_official_values():
-    from methods import taskres
+    from fsbench.methods import taskres
 
     assert tip_adapter.official("imagenet") == (1.17, 1.0, [7.0, 3.0])
     assert tip_adapter.official("dtd")[2] == [13.0, 13.0] and tip_adapter.official("fgvc_aircraft")[0] == 5.0

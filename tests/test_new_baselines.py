@@ -21,11 +21,11 @@ from fsbench.config import method_config
 from fsbench.errors import ConfigError
 from fsbench.images import Views, image_loader, item_seed
 from fsbench.method import METHODS, Context, FeatureSource, FewShotData
-from methods.clap import outer_step, zero_shot_multipliers
-from methods.gda import class_means, gda_classifier, search_alpha, shrunk_precision
-from methods.prolip import check_projection, pre_projection
-from methods.taskres import base_text_features, official_classnames
-from methods.tip_adapter import augment_transform
+from fsbench.methods.clap import outer_step, zero_shot_multipliers
+from fsbench.methods.gda import class_means, gda_classifier, search_alpha, shrunk_precision
+from fsbench.methods.prolip import check_projection, pre_projection
+from fsbench.methods.taskres import base_text_features, official_classnames
+from fsbench.methods.tip_adapter import augment_transform
 
 CPU, SEED, SHOTS, N_TEST = torch.device("cpu"), 1, 2, 12
 

@@ -14,11 +14,11 @@ from fsbench.config import method_config
 from fsbench.engine import Runner, RunSpec
 from fsbench.errors import ConfigError
 from fsbench.method import METHODS, Context, FeatureSource, Method, zero_shot_weights
+from fsbench.methods.kgcoop import knowledge_penalty
+from fsbench.methods.prograd import kl_to_teacher, official_lambda, prograd_template, project_conflicting
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.text import encode_tokens
 from fsbench.training import BestOnValidation, DasslRecipe, dassl_steps, index_batches, shuffled_batches
-from methods.kgcoop import knowledge_penalty
-from methods.prograd import kl_to_teacher, official_lambda, prograd_template, project_conflicting
 
 SEED = 1
 CPU = torch.device("cpu")

@@ -33,7 +33,8 @@ class Recorder(Method):
     paper = "test plugin"
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
-        SEEN.setdefault("paths", []).extend(it.path for it in train.items + val.items)
+        SEEN.setdefault("paths", []).extend(str((train.image_root / it.path).resolve())
+                                            for it in train.items + val.items)
         SEEN.setdefault("labels", []).extend(train.labels.tolist() + val.labels.tolist())
         SEEN.setdefault("classes", []).extend(self.ctx.classnames)
         SEEN["fits"] = SEEN.get("fits", 0) + 1
@@ -79,7 +80,8 @@ def test_base2new_never_shows_new_classes_to_fit(tmp_path, synthetic_root, synth
     (result,), _ = runner.run_all(RunSpec("recorder", "test-tiny", "synthetic", 2, 1, protocol="base2new"))
     base, new = base_new_labels(len(synthetic.classnames))
     new_names = {synthetic.classnames[c] for c in new}
-    new_paths = {it.path for split in ("train", "val", "test") for it in synthetic.split(split) if it.label in new}
+    new_paths = {str((synthetic.image_root / it.path).resolve()) for split in ("train", "val", "test")
+                 for it in synthetic.split(split) if it.label in new}
     assert SEEN["paths"] and not new_paths & set(SEEN["paths"])
     assert not new_names & set(SEEN["classes"]) and max(SEEN["labels"]) < len(base)
     b, n = result.metrics["base"], result.metrics["new"]
@@ -139,7 +141,8 @@ def test_cross_dataset_fits_once_and_scores_each_target(tmp_path):
     assert SEEN["fits"] == 1 and {r.dataset for r in results} == {"dtd", "eurosat"}
     assert all(r.source_dataset == "dtd" for r in results)
     target = load_dataset("eurosat", tmp_path)
-    assert not {it.path for it in target.test} & set(SEEN["paths"]) and set(SEEN["classes"]) == {"a", "b", "c"}
+    target_paths = {str((target.image_root / it.path).resolve()) for it in target.test}
+    assert not target_paths & set(SEEN["paths"]) and set(SEEN["classes"]) == {"a", "b", "c"}
     assert (tmp_path / "results/test-tiny/eurosat/recorder/cross_dataset-from-dtd/shots1_seed1.json").is_file()
     # linear_probe cannot score eurosat's classes: recorded as not applicable, never a number
     results, _ = runner.run_all(RunSpec("linear_probe", "test-tiny", "dtd", 1, 1, protocol="cross_dataset"))
@@ -180,3 +183,17 @@ def test_sweep_dry_run_shows_protocols(tmp_path, synthetic_root, capsys, monkeyp
                  "--datasets", "synthetic", "--shots", "1", "--seeds", "1", "--data-root", str(synthetic_root),
                  "--dry-run"])
     assert code == 0 and "2 runs to do" in capsys.readouterr().out
+
+
+def test_domain_generalisation_never_shows_target_images_to_fit(tmp_path):
+    make_imagenet(tmp_path, n_classes=4, n_train=10, n_val=2)
+    wnids = imagenet_wnids(4)
+    make_dg_target(tmp_path, "imagenet_r", [wnids[0], wnids[2]], per_class=2)
+    SEEN.clear()
+    runner = runner_for(tmp_path, tmp_path, ['study.dg_targets=["imagenet_r"]'])
+    results, _ = runner.run_all(RunSpec("recorder", "test-tiny", "imagenet", 1, 1, protocol="domain_generalisation"))
+    target = load_dataset("imagenet_r", tmp_path)
+    target_paths = {str((target.image_root / it.path).resolve()) for it in target.test}
+    assert SEEN["fits"] == 1 and SEEN["paths"] and not target_paths & set(SEEN["paths"])
+    assert {r.dataset for r in results} == {"imagenet", "imagenet_r"}
+    assert all(r.source_dataset == "imagenet" and r.top1 is not None for r in results)

@@ -129,7 +129,7 @@ def test_nan_loss_marks_the_run_failed_with_its_step(capsys, synthetic_root: Pat
 
 def test_out_of_memory_marks_the_run_failed_with_advice(capsys, synthetic_root: Path, tmp_path: Path,
                                                        monkeypatch) -> None:
-    from methods.zero_shot import ZeroShot
+    from fsbench.methods.zero_shot import ZeroShot
 
     def fit(self, train, val):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

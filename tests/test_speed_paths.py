@@ -25,7 +25,7 @@ from fsbench.augment import RATIO, augment, crop_params, device_batches
 from fsbench.backbones import Backbone, BackboneSpec, build_backbone, resolve_factory
 from fsbench.data.base import DatasetSplits
 from fsbench.method import Context
-from methods.lora import CLIPLoRA, LoRAConfig
+from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference import (  # noqa: E402

@@ -362,7 +362,7 @@ def test_write_failure_is_one_line(lab, capsys, monkeypatch):
 
 def test_bad_test_image_is_named_before_training(lab, capsys, monkeypatch):
     (lab / "data/dtd/images/gamma/test_2.jpg").write_bytes(b"\xff\xd8 truncated")
-    from methods.lora import CLIPLoRA
+    from fsbench.methods.lora import CLIPLoRA
 
     monkeypatch.setattr(CLIPLoRA, "fit", lambda *a: pytest.fail("trained before checking the test images"))
     code, err = dtd_run(capsys, method="lora")

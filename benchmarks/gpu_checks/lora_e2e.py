@@ -28,7 +28,7 @@ import torch
 from cli_runs import ok, read_results, run_fsbench
 from jsonout import write_out
 
-from methods.lora import CLIPLoRA
+from fsbench.methods.lora import CLIPLoRA
 
 
 class LossRecorder:

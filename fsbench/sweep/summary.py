@@ -65,20 +65,24 @@ def _spec_cells(spec: RunSpec) -> list[str]:
 
 
 def plan_table(plan: Plan) -> Table:
-    """The plan grouped by (backbone, dataset): methods, runs to do, done, failed earlier."""
+    """The plan grouped by (protocol, backbone, dataset): methods, runs to do, done, failed earlier, changed."""
     table = Table(title="sweep plan")
-    for col in ("backbone", "dataset", "methods", "to do", "done", "failed"):
-        table.add_column(col, justify="right" if col in ("to do", "done", "failed") else "left")
-    counts: dict[tuple[str, str], Counter] = {}
-    methods: dict[tuple[str, str], dict[str, None]] = {}
-    for state, specs in (("todo", plan.todo), ("done", plan.done), ("failed", plan.failed)):
+    changed = [spec for spec, _ in plan.conflicts]
+    groups = {"to do": plan.todo, "done": plan.done, "failed": plan.failed, "changed": changed}
+    states = [s for s in groups if s in ("to do", "done") or groups[s]]  # failed / changed when there are some
+    for col in ("protocol", "backbone", "dataset", "methods", *states):
+        table.add_column(col, justify="right" if col in states else "left", overflow="fold")
+    counts: dict[tuple[str, str, str], Counter] = {}
+    methods: dict[tuple[str, str, str], dict[str, None]] = {}
+    for state, specs in ((s, groups[s]) for s in states):
         for spec in specs:
-            counts.setdefault(group_key(spec), Counter())[state] += 1
-            methods.setdefault(group_key(spec), {})[spec.label or spec.method] = None
+            key = (spec.protocol, *group_key(spec))
+            counts.setdefault(key, Counter())[state] += 1
+            methods.setdefault(key, {})[spec.label or spec.method] = None
     for key, count in counts.items():
         names = list(methods[key])
         shown = ", ".join(names) if len(names) <= 4 else f"{len(names)} methods/variants"
-        table.add_row(*key, shown, str(count["todo"]), str(count["done"]), str(count["failed"]))
+        table.add_row(*key, shown, *(str(count[s]) for s in states))
     return table
 
 
