@@ -117,11 +117,29 @@ def truncate_tokens(tokens: torch.Tensor, model: nn.Module | None = None) -> tor
     return tokens[:, :length]
 
 
+Hook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def run_blocks(transformer: nn.Module, x: torch.Tensor, hook: Hook | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a batch-first (N, L, W) sequence through the blocks; `hook(i, x)` before block i (deep
+    prompts insert or replace tokens there). Without a hook: the transformer's own forward.
+
+    (fsbench's `SplitAttention` requires batch-first towers, open_clip's layout since 2.24.)
+    """
+    if hook is None:
+        return transformer(x, attn_mask=attn_mask)
+    for i, block in enumerate(transformer.resblocks):
+        x = block(hook(i, x), attn_mask=attn_mask)
+    return x
+
+
 def encode_token_embeddings(model: nn.Module, x: torch.Tensor, eot_index: torch.Tensor,
-                            normalize: bool = True) -> torch.Tensor:
+                            normalize: bool = True, hook: Hook | None = None) -> torch.Tensor:
     """Run the text transformer on token embeddings `x` (N, L, D); pool as the tower does.
 
-    This is the entry point for prompt-learning methods (CoOp), which build `x` themselves;
+    The one text path of prompt methods (CoOp family, MaPLe, PLOT++: `fsbench.towers.text_forward`
+    is this function), which build `x` themselves; `hook(i, x)` runs before block i.
     `eot_index` is the position argmax/eos pooling reads (ignored by `last`/`first` pooling).
     Causal towers need the causal `SplitAttention` of `fsbench.attention` (any L <= context
     length); bidirectional ones must be given the full context length.
@@ -130,7 +148,7 @@ def encode_token_embeddings(model: nn.Module, x: torch.Tensor, eot_index: torch.
     n = x.shape[1]
     x = x + tower.positional_embedding[:n].to(x.dtype)
     mask = tower.attn_mask[:n, :n] if pooling.causal else None
-    x = tower.transformer(x, attn_mask=mask)
+    x = run_blocks(tower.transformer, x, hook, mask)
     x = pooling.select(tower.ln_final(x), eot_index)
     proj = tower.text_projection
     if proj is not None:

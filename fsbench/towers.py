@@ -23,17 +23,13 @@ n tokens after the begin token are learned (MaPLe, PLOT++).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fsbench.backbones import BackboneInfo
 from fsbench.prompts import Prompts
-from fsbench.text import text_pooling, text_tower
-
-Hook = Callable[[int, torch.Tensor], torch.Tensor]
+from fsbench.text import Hook, encode_token_embeddings, run_blocks, text_pooling, text_tower
 
 
 def tower_support(model: nn.Module) -> str | None:
@@ -66,19 +62,6 @@ def vision_depth(model: nn.Module) -> int:
 def text_depth(model: nn.Module) -> int:
     """Number of blocks of the text transformer."""
     return len(text_tower(model).transformer.resblocks)
-
-
-def run_blocks(transformer: nn.Module, x: torch.Tensor, hook: Hook | None = None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a batch-first (N, L, W) sequence through the blocks; `hook(i, x)` before block i.
-
-    (fsbench's `SplitAttention` requires batch-first towers, open_clip's layout since 2.24.)
-    """
-    for i, block in enumerate(transformer.resblocks):
-        if hook is not None:
-            x = hook(i, x)
-        x = block(x, attn_mask=attn_mask)
-    return x
 
 
 def vision_embed(visual: nn.Module, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,21 +116,10 @@ def encode_image(model: nn.Module, images: torch.Tensor, prompts: torch.Tensor |
 
 def text_forward(model: nn.Module, x: torch.Tensor, eot_index: torch.Tensor, hook: Hook | None = None,
                  normalize: bool = True) -> torch.Tensor:
-    """Text features (N, D) of token embeddings `x` (N, L, W), `hook(i, x)` before block i.
-
-    As `fsbench.text.encode_token_embeddings`: positions added, the tower's causal mask, pooled
-    at `eot_index` (argmax/eos pooling; `last`/`first` ignore it), `ln_final`, projection.
-    """
-    tower, pooling = text_tower(model), text_pooling(model)
-    n = x.shape[1]
-    x = x + tower.positional_embedding[:n].to(x.dtype)
-    mask = tower.attn_mask[:n, :n] if pooling.causal else None
-    x = run_blocks(tower.transformer, x, hook, mask)
-    x = pooling.select(tower.ln_final(x), eot_index)
-    proj = tower.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1) if normalize else x
+    """Text features (N, D) of token embeddings `x` (N, L, W), `hook(i, x)` before block i: positions added,
+    the tower's causal mask, pooled at `eot_index`, `ln_final`, projection (`fsbench.text.encode_token_embeddings`,
+    the one text path)."""
+    return encode_token_embeddings(model, x, eot_index, normalize, hook)
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor, hook: Hook | None = None,
