@@ -197,3 +197,12 @@ def test_domain_generalisation_never_shows_target_images_to_fit(tmp_path):
     assert SEEN["fits"] == 1 and SEEN["paths"] and not target_paths & set(SEEN["paths"])
     assert {r.dataset for r in results} == {"imagenet", "imagenet_r"}
     assert all(r.source_dataset == "imagenet" and r.top1 is not None for r in results)
+
+
+def test_ls_protocols_and_unseen_column(capsys):
+    from fsbench.cli import main
+
+    assert main(["ls", "protocols"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fewshot", "base2new", "cross_dataset", "domain_generalisation"))
+    assert main(["ls", "methods"]) == 0 and "unseen" in capsys.readouterr().out

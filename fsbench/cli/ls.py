@@ -1,4 +1,4 @@
-"""`fsbench ls [methods|datasets|backbones]`: what is registered."""
+"""`fsbench ls [methods|datasets|backbones|protocols]`: what is registered."""
 
 from __future__ import annotations
 
@@ -8,26 +8,40 @@ from rich.table import Table
 from fsbench.cli.app import app, console
 from fsbench.errors import UnknownNameError
 
-WHAT = ("methods", "datasets", "backbones")
+WHAT = ("methods", "datasets", "backbones", "protocols")
 
 
 @app.command()
-def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones")) -> None:
-    """List registered methods (with their paper), datasets or backbones."""
+def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones | protocols")) -> None:
+    """List registered methods (with their paper), datasets, backbones or protocols."""
     if what not in WHAT:
         raise UnknownNameError(f"unknown list {what!r}; choose one of {', '.join(WHAT)}")
-    console.print({"methods": _methods, "datasets": _datasets, "backbones": _backbones}[what]())
+    tables = {"methods": _methods, "datasets": _datasets, "backbones": _backbones, "protocols": _protocols}
+    console.print(tables[what]())
 
 
 def _methods() -> Table:
     from fsbench.method import METHODS
 
     table = Table(title="methods")
-    for col in ("name", "input", "summary", "paper"):
+    for col in ("name", "input", "unseen classes", "summary", "paper"):
         table.add_column(col, overflow="fold")
     for name in METHODS.names():
         cls = METHODS.get(name)
-        table.add_row(name, cls.input_kind, cls.summary, cls.paper)
+        unseen = "yes" if cls.scores_unseen_classes() else "n/a"
+        table.add_row(name, cls.input_kind, unseen, cls.summary, cls.paper)
+    return table
+
+
+def _protocols() -> Table:
+    from fsbench.protocols import PROTOCOLS
+
+    table = Table(title="protocols (fsbench run --protocol NAME; docs/protocols.md)")
+    for col in ("name", "version", "metrics", "what"):
+        table.add_column(col, overflow="fold")
+    for name in PROTOCOLS.names():
+        cls = PROTOCOLS.get(name)
+        table.add_row(name, str(cls.version), ", ".join(cls.metric_names), cls.summary)
     return table
 
 
