@@ -319,7 +319,9 @@ class Runner(Resolver):
         """Logits on test images (default: the whole split): cached features, or images through the method."""
         bs = self.cfg.runtime.eval_batch_size
         if (method.eval_input or method.input_kind) == "features":
-            feats = self.features.split(backbone, data, "test", positions, progress=self._progress("encode test"))
+            tag, encode = method.eval_encoder or ("", None)
+            feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
+                                        encode=encode, progress=self._progress("encode test"))
             chunks = [method.logits(feats.x[i:i + bs].to(self.device)).float().cpu()
                       for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y

@@ -171,6 +171,9 @@ class Method(ABC):
     # what `logits` receives at evaluation (None: as `input_kind`); "features" for methods that train on
     # images but keep the image tower frozen (CoOp family): the test split is then encoded once per backbone
     eval_input: ClassVar[InputKind | None] = None
+    # with eval_input "features": (cache tag, encode(model, images)) when `logits` takes other cached
+    # features than the L2-normalised image embedding (ProLIP: the features before the visual projection)
+    eval_encoder: ClassVar[tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] | None] = None
     # validation shots per class: "default" = min(K, 4) (CLIP-LoRA / CoOp), "shots" = K (LP++)
     val_shots: ClassVar[Literal["default", "shots"]] = "default"
     # why the method cannot score classes it was not fitted on (when it does not override `retarget`)

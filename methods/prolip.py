@@ -19,8 +19,8 @@ CLIP's projection and T the frozen zero-shot classifier. Defaults follow the off
 
 Deviations: float32 training (the official code trains CLIP's fp16 projection); each image's views
 are drawn from an RNG seeded by (`view_seed`, image path) and cached, so they are encoded once per
-grid. Until the runner can hand a method cached pre-projection test features, `input_kind` is
-"images": the test images go through the frozen image tower in every run (see `_encode_pre_projection`).
+grid. The test split's pre-projection features are cached too (`eval_input = "features"` with an
+`eval_encoder`), so a shots x seeds grid encodes each test image once per backbone.
 Only open_clip ViT image towers with a linear `proj` are supported (the official code also tunes a
 ResNet's attention-pool output projection, which fsbench does not implement).
 """
@@ -107,7 +107,9 @@ class ProLIP(Method):
     """Fine-tune the image tower's output projection, penalised towards the pre-trained one."""
 
     Config = ProLIPConfig
-    input_kind = "images"  # logits need pre-projection features; see the module docstring
+    input_kind = "images"  # fit reads cached pre-projection features of the few-shot images (views)
+    eval_input = "features"  # logits take cached pre-projection test features: the test split is encoded once
+    eval_encoder = ("prolip-pre-projection", pre_projection)
     paper = "Fahes et al., CLIP's Visual Embedding Projector is a Few-shot Cornucopia, arXiv 2410.05270"
     summary = "ProLIP: fine-tunes CLIP's visual projection with a penalty towards its weights"
 
@@ -144,7 +146,8 @@ class ProLIP(Method):
         return F.normalize(z.float() @ self.proj, dim=-1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        z = pre_projection(self.ctx.backbone.model, x)
+        """Scores of pre-projection image features `x` (N, width) (`eval_encoder`), cached by the runner."""
+        z = x.float()
         with torch.autocast(x.device.type, enabled=False):  # the tuned projection in float32, as trained
             return self.config.logit_scale * self.project(z) @ self.text.T
 

@@ -70,6 +70,11 @@ def fitted(name: str, runner: Runner, tiny, synthetic) -> Method:
 
 @torch.no_grad()
 def scores(method: Method, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the test inputs in the form the runner hands the method at evaluation."""
+    if method.eval_encoder is not None:  # other cached features: encode the images as the runner's cache does
+        _, encode = method.eval_encoder
+        with torch.no_grad():
+            return method.logits(encode(method.ctx.backbone.model, inputs["images"]).float()).float()
     return method.logits(inputs[method.eval_input or method.input_kind]).float()
 
 

@@ -228,7 +228,7 @@ def test_prolip_without_training_is_zero_shot(runner, tiny, synthetic, support, 
     torch.testing.assert_close(prolip.proj, tiny.model.visual.proj.detach())
     expected = zero_shot_logits(runner, tiny, synthetic, support, test_set["features"])
     with torch.no_grad():
-        torch.testing.assert_close(prolip.logits(test_set["images"]), expected, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(prolip.logits(pre_projection(tiny.model, test_set["images"])), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_prolip_penalty_holds_the_projection(runner, tiny, synthetic, support):
@@ -248,7 +248,7 @@ def test_prolip_scores_unseen_classes(runner, tiny, synthetic, support, test_set
     prolip.ctx.classes = prolip.ctx.classes.subset([0, 2, 4])
     prolip.retarget()
     with torch.no_grad():
-        assert prolip.logits(test_set["images"]).shape == (N_TEST, 3)
+        assert prolip.logits(pre_projection(tiny.model, test_set["images"])).shape == (N_TEST, 3)
 
 
 def test_prolip_needs_a_vit_projection():
@@ -275,3 +275,15 @@ def test_bad_config_is_one_line_naming_the_key(name, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         method_config(METHODS.get(name), overrides)
     assert "\n" not in str(err.value)
+
+
+def test_prolip_encodes_the_test_split_once(tmp_path, make_runner, synthetic):
+    """Pre-projection test features are cached like any frozen features: a second seed encodes no test image."""
+    from fsbench.engine import RunSpec
+
+    runner = make_runner(tmp_path, ["prolip.epochs=2", "prolip.augment_views=2"])
+    runner.run(RunSpec("prolip", "test-tiny", "synthetic", 1, 1))
+    before = runner.features.encoded_images
+    result, _ = runner.run(RunSpec("prolip", "test-tiny", "synthetic", 1, 2))
+    assert result.status == "ok" and result.n_test == len(synthetic.test)
+    assert runner.features.encoded_images - before < len(synthetic.test)  # only seed 2's few-shot views
