@@ -228,7 +228,8 @@ def test_prolip_without_training_is_zero_shot(runner, tiny, synthetic, support, 
     torch.testing.assert_close(prolip.proj, tiny.model.visual.proj.detach())
     expected = zero_shot_logits(runner, tiny, synthetic, support, test_set["features"])
     with torch.no_grad():
-        torch.testing.assert_close(prolip.logits(pre_projection(tiny.model, test_set["images"])), expected, atol=1e-4, rtol=1e-5)
+        got = prolip.logits(pre_projection(tiny.model, test_set["images"]))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_prolip_penalty_holds_the_projection(runner, tiny, synthetic, support):
