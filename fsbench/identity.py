@@ -79,17 +79,21 @@ def items_digest(root: Path, items: Iterable[Item], with_files: bool = True) -> 
 
 
 def list_digest(data: DatasetSplits, split: str) -> str:
-    """Digest of a whole split's list (paths and labels, not file contents), memoised on `data`."""
+    """Digest of a whole split's list (paths and labels, not file contents), memoised per list object
+    (a filtered copy of the dataset, `--skip-bad-images`, has new lists and gets its own digest)."""
     memo = data.extra.setdefault("_list_digest", {})
-    if split not in memo:
-        memo[split] = items_digest(data.image_root, data.split(split), with_files=False)
-    return memo[split]
+    items = data.split(split)
+    key = (split, id(items), len(items))
+    if key not in memo:
+        memo[key] = items_digest(data.image_root, items, with_files=False)
+    return memo[key]
 
 
 def eval_digest(data: DatasetSplits, positions: tuple[int, ...]) -> str:
-    """Digest of the evaluated test images (paths, labels, sizes, mtimes), memoised per position set."""
+    """Digest of the evaluated test images (paths, labels, sizes, mtimes), memoised per position set for the
+    runner's lifetime (file stamps are read once per run of a process; a new process reads them again)."""
     memo = data.extra.setdefault("_eval_digest", {})
-    key = hash(positions)
+    key = (id(data.test), positions)
     if key not in memo:
         memo[key] = items_digest(data.image_root, (data.test[i] for i in positions))
     return memo[key]
