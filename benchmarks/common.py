@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_checks.jsonout import write_out  # noqa: F401 (re-exported for the benchmarks' --out)
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from fsbench.backbones import Backbone
 from fsbench.data.base import DatasetSplits, Item
 from fsbench.engine import amp_dtype
-from fsbench.io import atomic_write_json
 from fsbench.method import Context, FewShotData
 from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 
@@ -148,16 +148,3 @@ def fsbench_steps(backbone: Backbone, data: DatasetSplits, train: FewShotData, s
 
 def speedup_line(ratio: float) -> str:
     return f"speedup: {ratio:.2f}x"
-
-
-def write_out(path: str | None, numbers: dict) -> None:
-    """`--out FILE`: the benchmark's numbers as JSON (read by benchmarks/gpu_check.sh); NaN as null."""
-    def clean(v: object) -> object:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return None if isinstance(v, float) and v != v else v
-
-    if path:
-        atomic_write_json(path, clean(numbers))

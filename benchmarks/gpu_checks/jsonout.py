@@ -6,10 +6,9 @@ generator and the report work even when a broken import elsewhere fails the othe
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from fsbench.io import atomic_write_json
 
 
 def clean(value: object) -> object:
@@ -22,13 +21,6 @@ def clean(value: object) -> object:
 
 
 def write_out(path: str | Path | None, numbers: dict) -> None:
-    """Write `numbers` to `path` (nothing when None) via a temp file and a rename."""
-    if not path:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(clean(numbers), fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write `numbers` to `path` (nothing when None), atomically (fsbench.io, torch-free)."""
+    if path:
+        atomic_write_json(path, clean(numbers))
