@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fsbench.errors import ConfigError
+from fsbench.samplers import DEFAULT_SAMPLER
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,6 +49,7 @@ class Study:
     cross_targets: list[str] = field(default_factory=lambda: [d for d in PAPER_DATASETS if d != "imagenet"])
     dg_targets: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_sketch", "imagenet_a",
                                                            "imagenet_r"])
+    sampler: str = DEFAULT_SAMPLER  # few-shot sampler: fsbench | clip_lora | coop (`fsbench ls samplers`)
 
     def __post_init__(self) -> None:
         for name in ("methods", "backbones", "datasets", "shots", "seeds", "protocols"):

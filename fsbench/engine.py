@@ -282,10 +282,10 @@ class Runner(Resolver):
         """The episode's train and val sets (labels = class indices in the fitted class set), with cached
         features for feature methods. A bare `FewShotSplit` means its few-shot episode (all classes)."""
         if isinstance(episode, FewShotSplit):
-            episode = make_protocol("fewshot").episode(data, episode.train, episode.val, {})
+            episode = make_protocol("fewshot").episode(data, episode, {})
         out = []
-        for name, index, targets in (("train", episode.train, episode.train_targets),
-                                     ("val", episode.val, episode.val_targets)):
+        for name, index, targets in ((episode.train_split, episode.train, episode.train_targets),
+                                     (episode.val_split, episode.val, episode.val_targets)):
             items = [Item(data.split(name)[i].path, t) for i, t in zip(index, targets, strict=True)]
             labels = torch.tensor(list(targets), dtype=torch.long)
             feats = None
@@ -365,7 +365,8 @@ class Runner(Resolver):
     def _bad_images(self, prep: Prepared) -> DataError:
         """One error naming every unreadable file the run reads: its few-shot images and its test sets."""
         data = self._data(prep.episode.source)
-        items = [data.train[i] for i in prep.episode.train] + [data.val[i] for i in prep.episode.val]
+        ep = prep.episode
+        items = [data.split(ep.train_split)[i] for i in ep.train] + [data.split(ep.val_split)[i] for i in ep.val]
         bad = scan_images(items, data.image_root, self.track, "find unreadable images")
         for t in prep.episode.results:
             for ev in t.evals:

@@ -12,7 +12,9 @@ A run's identity is a dict of named components, each a short digest:
 - `fewshot`: the draw itself (paths and labels of the chosen images) and each chosen file's size
   and modification time;
 - `eval:<dataset>`: every evaluated test image's path, label, size and modification time;
-- `flags`: the data flags (`allow_repeat`, `skip_bad_images`).
+- `flags`: the data flags (`allow_repeat`, `skip_bad_images`);
+- `sampler`: the few-shot sampler and its version (`fsbench.samplers`), absent for fsbench's own
+  sampler so that results drawn before samplers had names keep their identity.
 
 `identity_hash` combines them. A stored result is reused only when its hash equals the new one;
 `describe_change` names the components that differ, for the one-line message. Torch-free.
@@ -108,7 +110,14 @@ LABELS = {
     "classes": "class names or templates", "train_list": "train list of the split file",
     "val_list": "val list of the split file", "fewshot": "few-shot images (draw or files)",
     "flags": "data flags (--allow-repeat / --skip-bad-images)", "targets": "target datasets",
+    "sampler": "few-shot sampler (--sampler)",
 }
+
+
+def sampler_of(identity: dict[str, str] | None) -> str:
+    """The sampler that drew a result's images ("fsbench/v1" for results without a sampler component:
+    fsbench's own sampler, the only one before samplers had names)."""
+    return (identity or {}).get("sampler", "fsbench/v1")
 
 
 def describe_change(old: dict[str, str] | None, new: dict[str, str]) -> str:

@@ -35,7 +35,7 @@ class FewShotData:
     `features` holds the cached, L2-normalised frozen image features (for methods whose
     `input_kind` is "features"; None otherwise). `items` and `image_root` locate the images,
     for methods that train on pixels or need augmented views; `index` holds the items'
-    positions in their dataset split (`split`: "train" or "val"), for caching per-image work
+    positions in their dataset split (`split`: "train", "val" or "train+val"), for caching per-image work
     across runs. `labels` index the fitted `ClassSet` (`Context.classes`).
     """
 
@@ -68,7 +68,7 @@ class FeatureSource:
         """Features (N, [views,] D) of `fewshot`'s images under `transform`, cached under `tag`
         (`seed(item)` seeds random transforms per image; `encode(model, images)` replaces
         `encode_image`, e.g. for features before the projection)."""
-        if fewshot.split not in ("train", "val") or fewshot.index is None:
+        if fewshot.split not in ("train", "val", "train+val") or fewshot.index is None:
             raise ValueError("FeatureSource encodes few-shot train/val images only")
         return self._cache.items(self._backbone, self._data, fewshot.split, transform, fewshot.index,
                                  tag=tag, seed=seed, progress=self._progress, encode=encode)

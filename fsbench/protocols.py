@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
 from fsbench.registry import Registry
+from fsbench.splits import FewShotSplit
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ class Target:
 
 @dataclass(frozen=True)
 class Episode:
-    """What one run fits and evaluates. `train`/`val` are positions in the source dataset's train
-    and val splits and `train_targets`/`val_targets` their class indices in `classes`."""
+    """What one run fits and evaluates. `train`/`val` are positions in the source dataset's splits
+    `train_split`/`val_split` ("train", "val", "train+val"; validation carved out of the shots is
+    `val_split="train"`), and `train_targets`/`val_targets` their class indices in `classes`."""
 
     source: str
     classes: ClassSet
@@ -97,6 +99,8 @@ class Episode:
     val: tuple[int, ...]
     val_targets: tuple[int, ...]
     results: tuple[Target, ...]
+    train_split: str = "train"
+    val_split: str = "val"
 
 
 class Protocol:
@@ -118,8 +122,9 @@ class Protocol:
         """Datasets to load besides the source."""
         return [t for t in self.target_names if t != source]
 
-    def episode(self, source: DatasetSplits, train: tuple[int, ...], val: tuple[int, ...],
-                targets: dict[str, DatasetSplits]) -> Episode:
+    def episode(self, source: DatasetSplits, draw: FewShotSplit, targets: dict[str, DatasetSplits]) -> Episode:
+        """The run's episode from the sampler's `draw` of the source (positions in `draw.train_split` /
+        `draw.val_split`) and the loaded target datasets."""
         raise NotImplementedError
 
     def metrics(self, accuracies: dict[str, float | None]) -> dict[str, float | None]:
@@ -148,6 +153,16 @@ def _targets_of(data: DatasetSplits, positions: tuple[int, ...], split: str, kee
     return tuple(keep[items[i].label] for i in positions)
 
 
+def fit_all(source: DatasetSplits, draw: FewShotSplit, results: tuple[Target, ...],
+            classes: ClassSet | None = None) -> Episode:
+    """An episode fitted on every class of `source` with the draw as it is."""
+    classes = classes or class_set(source)
+    every = {c: c for c in range(len(classes))}
+    return Episode(source.name, classes, draw.train, _targets_of(source, draw.train, draw.train_split, every),
+                   draw.val, _targets_of(source, draw.val, draw.val_split, every), results,
+                   draw.train_split, draw.val_split)
+
+
 @register_protocol("fewshot")
 class FewShot(Protocol):
     """K shots of every class; top-1 on the whole test split (the CLIP-LoRA paper's protocol)."""
@@ -157,11 +172,9 @@ class FewShot(Protocol):
     def folder(self, source: str) -> str:
         return ""  # results written before protocols existed live here, and still load
 
-    def episode(self, source, train, val, targets):
+    def episode(self, source, draw, targets):
         classes = class_set(source)
-        every = {c: c for c in range(len(classes))}
-        return Episode(source.name, classes, train, _targets_of(source, train, "train", every), val,
-                       _targets_of(source, val, "val", every), (Target(source.name, (whole_test(source, classes),)),))
+        return fit_all(source, draw, (Target(source.name, (whole_test(source, classes),)),), classes)
 
 
 def base_new_labels(n_classes: int) -> tuple[list[int], list[int]]:
@@ -190,12 +203,13 @@ class BaseToNew(Protocol):
     headline = "hm"
     summary = "fit on the base half of the classes; Base, New and their harmonic mean"
 
-    def episode(self, source, train, val, targets):
+    def episode(self, source, draw, targets):
         everything = class_set(source)
         base, new = base_new_labels(len(everything))
         keep = {c: i for i, c in enumerate(base)}
-        train = tuple(i for i in train if source.train[i].label in keep)
-        val = tuple(i for i in val if source.val[i].label in keep)
+        train_items, val_items = source.split(draw.train_split), source.split(draw.val_split)
+        train = tuple(i for i in draw.train if train_items[i].label in keep)
+        val = tuple(i for i in draw.val if val_items[i].label in keep)
         evals = []
         for metric, labels in (("base", base), ("new", new)):
             local = {c: i for i, c in enumerate(labels)}
@@ -203,8 +217,9 @@ class BaseToNew(Protocol):
             evals.append(EvalSet(metric, source.name, pos, tuple(local[source.test[i].label] for i in pos),
                                  everything.subset(labels)))
         fit = everything.subset(base)
-        return Episode(source.name, fit, train, _targets_of(source, train, "train", keep), val,
-                       _targets_of(source, val, "val", keep), (Target(source.name, tuple(evals)),))
+        return Episode(source.name, fit, train, _targets_of(source, train, draw.train_split, keep), val,
+                       _targets_of(source, val, draw.val_split, keep), (Target(source.name, tuple(evals)),),
+                       draw.train_split, draw.val_split)
 
     def metrics(self, accuracies):
         base, new = accuracies.get("base"), accuracies.get("new")
@@ -217,13 +232,11 @@ class _Transfer(Protocol):
 
     source_result = True
 
-    def episode(self, source, train, val, targets):
+    def episode(self, source, draw, targets):
         classes = class_set(source)
-        every = {c: c for c in range(len(classes))}
         results = [Target(source.name, (whole_test(source, classes),))]
         results += [Target(name, (whole_test(data, class_set(data)),)) for name, data in targets.items()]
-        return Episode(source.name, classes, train, _targets_of(source, train, "train", every), val,
-                       _targets_of(source, val, "val", every), tuple(results))
+        return fit_all(source, draw, tuple(results), classes)
 
 
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",

@@ -24,6 +24,7 @@ from fsbench.io import ensure_writable
 from fsbench.method import METHODS, Method
 from fsbench.protocols import Episode, Protocol, make_protocol
 from fsbench.results import Result, read_result, result_path
+from fsbench.samplers import get_sampler
 from fsbench.spec import PROTOCOL_VERSION, RunSpec
 from fsbench.splits import (
     FewShotSplit,
@@ -36,6 +37,12 @@ from fsbench.splits import (
 )
 
 Track = Callable[[Iterable, int, str], Iterable]
+
+
+def sampler_tag(name: str) -> str:
+    """A sampler's identity component ("clip_lora/v1"); fsbench's own sampler has none, so results drawn
+    before samplers had names keep their identity (`identity.sampler_of` reads it as "fsbench/v1")."""
+    return get_sampler(name).tag()
 
 
 class ResultConflict(FsbenchError):
@@ -114,7 +121,7 @@ class Resolver:
         validate_source(source)
         targets = {DATASETS.canonical(t): self.dataset(t) for t in protocol.targets(source.name)}
         split = self._split(source, spec, cls)
-        episode = protocol.episode(source, split.train, split.val, targets)
+        episode = protocol.episode(source, split, targets)
         base = self._base_identity(spec, cls, config, protocol, source, split, episode)
         identities, paths = {}, {}
         for target in episode.results:
@@ -133,8 +140,9 @@ class Resolver:
     def _base_identity(self, spec: RunSpec, cls: type[Method], config: Any, protocol: Protocol,
                        source: DatasetSplits, split: FewShotSplit, episode: Episode) -> dict[str, str]:
         rt = self.cfg.runtime
-        drawn = [source.train[i] for i in split.train] + [source.val[i] for i in split.val]
-        return {
+        drawn = split.items(source, "train") + split.items(source, "val")
+        sampler = {} if split.sampler == "fsbench" else {"sampler": sampler_tag(split.sampler)}
+        return {**sampler,
             "protocol": f"{protocol.name}/v{protocol.version}/sampling-v{PROTOCOL_VERSION}",
             "method": identity.digest([cls.name, dataclasses.asdict(config)]),
             "weights": identity.weights_identity(spec.backbone, spec.pretrained, spec.checkpoint),
@@ -151,7 +159,7 @@ class Resolver:
         Imported splits are never written to the store, so they cannot replace a local draw."""
         val = val_per_class(spec.shots, cls.val_shots)
         if not self.imported:
-            return self.splits.get(data, spec.shots, spec.seed, val)
+            return self.splits.get(data, spec.shots, spec.seed, val, self.cfg.study.sampler)
         entry = self.imported.get((data.name, spec.shots, spec.seed))
         if entry is None:
             have = sorted({f"{d} K={k} seed={s}" for d, k, s in self.imported})

@@ -1,10 +1,11 @@
-"""The few-shot protocol: K shots per class from train, min(K, 4) per class from val.
+"""Few-shot draws: K shots per class for training and a few per class for validation.
 
-Draws use a local `random.Random` seeded by (dataset, split, K, seed), never the global RNG,
-and are persisted as JSON (paths and labels, so they are portable across machines) and reused,
-so a (dataset, K, seed) triple means the same images for every method. CoOp's
-`generate_fewshot_dataset` samples the same way (`random.sample` per class; with replacement
-only when a class is too small and repetition is allowed).
+`draw_split` is fsbench's own sampler (`fsbench.samplers`, name `fsbench`): a local `random.Random`
+seeded by (dataset, split, K, seed), never the global RNG, classes in label order. The reference codes
+draw differently (CLIP-LoRA and CoOp/Dassl seed the global `random` once and walk classes in file
+order): their draws are the samplers `clip_lora` and `coop` (`fsbench.samplers_ref`). Every draw is
+persisted as JSON (paths and labels, so they are portable across machines) and reused, so a
+(dataset, K, seed, sampler) means the same images for every method.
 """
 
 from __future__ import annotations
@@ -22,25 +23,36 @@ from fsbench.errors import ConfigError, DataError
 from fsbench.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+SPLIT_NAMES = ("train", "val", "train+val")  # what a draw may index (`DatasetSplits.split`)
 MAX_VAL_SHOTS = 4  # CLIP-LoRA / CoOp: validation uses min(K, 4) shots per class
 
 
 @dataclass(frozen=True)
 class FewShotSplit:
-    """Indices into `DatasetSplits.train` and `.val` for one (dataset, shots, seed)."""
+    """One (dataset, shots, seed) draw: `train` are positions in `data.split(train_split)`, `val` in
+    `data.split(val_split)` ("train", "val" or "train+val"; validation carved from the train split is
+    `val_split="train"` with positions disjoint from `train`). `sampler` names the sampler that drew it."""
 
     dataset: str
     shots: int
     seed: int
     train: tuple[int, ...]
     val: tuple[int, ...]
+    sampler: str = "fsbench"
+    train_split: str = "train"
+    val_split: str = "val"
+
+    def items(self, data: DatasetSplits, role: str) -> list[Item]:
+        """The drawn items of `role` ("train" or "val"), in draw order."""
+        split = data.split(self.train_split if role == "train" else self.val_split)
+        return [split[i] for i in (self.train if role == "train" else self.val)]
 
     def checksum(self, data: DatasetSplits) -> str:
         """Hash of the chosen files and labels: equal checksums mean the same images."""
         h = hashlib.sha256()
-        for name, idx in (("train", self.train), ("val", self.val)):
-            for i in idx:
-                it = data.split(name)[i]
+        for role, split in (("train", self.train_split), ("val", self.val_split)):
+            name = role if split == role else f"{role}:{split}"  # default layout: the checksums of old draws
+            for it in self.items(data, role):
                 h.update(f"{name}\t{it.path}\t{it.label}\n".encode())
         return h.hexdigest()[:16]
 
@@ -61,7 +73,8 @@ def _draw(items: list[Item], per_class: int, rng: random.Random, repeat: bool, w
             raise DataError(
                 f"{what}: class {_class_name(label, classnames)} has {len(pool)} images but {per_class} shots "
                 "were asked; "
-                "lower --shots or pass --allow-repeat (CoOp's fallback: sample with replacement)")
+                "lower --shots, pass --allow-repeat (sample with replacement, as the official CLIP-LoRA code "
+                "does) or use a sampler with its own small-class rule (--sampler clip_lora|coop)")
     return chosen
 
 
@@ -123,23 +136,31 @@ def validate_lists(data: DatasetSplits) -> None:
 
 
 def split_to_json(split: FewShotSplit, data: DatasetSplits) -> dict:
-    """Portable form: file paths and labels, plus the checksum."""
-    return {
+    """Portable form: file paths and labels, plus the checksum (and the sampler and splits drawn from,
+    when they are not fsbench's default ones)."""
+    out = {
         "dataset": split.dataset, "shots": split.shots, "seed": split.seed,
         "checksum": split.checksum(data),
-        "train": [[data.train[i].path, data.train[i].label] for i in split.train],
-        "val": [[data.val[i].path, data.val[i].label] for i in split.val],
+        "train": [[it.path, it.label] for it in split.items(data, "train")],
+        "val": [[it.path, it.label] for it in split.items(data, "val")],
     }
+    if (split.sampler, split.train_split, split.val_split) != ("fsbench", "train", "val"):
+        out.update(sampler=split.sampler, train_split=split.train_split, val_split=split.val_split)
+    return out
 
 
 def split_from_json(obj: dict, data: DatasetSplits, source: str) -> FewShotSplit:
     """Map a portable split back to indices of `data`; every file must exist in its split."""
     try:
         out = {}
-        for name in ("train", "val"):
+        names = {"train": str(obj.get("train_split", "train")), "val": str(obj.get("val_split", "val"))}
+        for role, name in names.items():
+            if name not in SPLIT_NAMES:
+                raise ValueError(f"unknown split {name!r}")
             index = {(it.path, it.label): i for i, it in enumerate(data.split(name))}
-            out[name] = tuple(index[(str(p), int(lbl))] for p, lbl in obj[name])
-        return FewShotSplit(data.name, int(obj["shots"]), int(obj["seed"]), out["train"], out["val"])
+            out[role] = tuple(index[(str(p), int(lbl))] for p, lbl in obj[role])
+        return FewShotSplit(data.name, int(obj["shots"]), int(obj["seed"]), out["train"], out["val"],
+                            str(obj.get("sampler", "fsbench")), names["train"], names["val"])
     except KeyError as exc:
         raise DataError(f"{source}: split refers to {exc} which is not in {data.name}'s "
                         "train/val lists (different dataset version?)") from None
@@ -148,10 +169,11 @@ def split_from_json(obj: dict, data: DatasetSplits, source: str) -> FewShotSplit
 
 
 class SplitStore:
-    """Persisted few-shot draws under `<cache>/splits/<dataset>/shots<K>_seed<S>[_val<V>][_repeat].json`.
+    """Persisted few-shot draws under `<cache>/splits/<dataset>/[<sampler>/]shots<K>_seed<S>[_val<V>][_repeat].json`
+    (fsbench's own sampler keeps the folder it always had).
 
-    A stored draw is used only if it is still the draw its (dataset lists, K, seed, val shots, repeat flag)
-    give: it records the digests of the train and val lists it was drawn from and its own checksum, so
+    A stored draw is used only if it is still the draw its (dataset lists, K, seed, val shots, sampler, repeat
+    flag) give: it records the digests of the train and val lists it was drawn from and its own checksum, so
     an edited split file or a hand-edited draw is drawn again (with a warning), never used silently.
     Imported splits (`--splits`) are never written here: they cannot replace a local draw.
     """
@@ -161,32 +183,45 @@ class SplitStore:
         self.repeat = repeat
         self.persist = persist  # False: a planner (`sweep --dry-run`) draws but writes nothing
 
-    def path(self, dataset: str, shots: int, seed: int, val_shots: int | None = None) -> Path:
+    def path(self, dataset: str, shots: int, seed: int, val_shots: int | None = None,
+             sampler: str = "fsbench") -> Path:
         val = "" if val_shots in (None, min(shots, MAX_VAL_SHOTS)) else f"_val{val_shots}"
-        return self.root / dataset / f"shots{shots}_seed{seed}{val}{'_repeat' if self.repeat else ''}.json"
+        folder = self.root / dataset if sampler == "fsbench" else self.root / dataset / sampler
+        return folder / f"shots{shots}_seed{seed}{val}{'_repeat' if self._repeat(sampler) else ''}.json"
 
-    def get(self, data: DatasetSplits, shots: int, seed: int, val_shots: int | None = None) -> FewShotSplit:
-        """The persisted draw if it is still valid, else a fresh draw that is then persisted."""
-        path = self.path(data.name, shots, seed, val_shots)
+    def _repeat(self, sampler: str) -> bool:
+        from fsbench.samplers import get_sampler
+
+        return self.repeat and get_sampler(sampler).honours_repeat
+
+    def get(self, data: DatasetSplits, shots: int, seed: int, val_shots: int | None = None,
+            sampler: str = "fsbench") -> FewShotSplit:
+        """The persisted draw if it is still valid, else a fresh draw (by `sampler`) that is then persisted."""
+        from fsbench.samplers import get_sampler
+
+        drawer = get_sampler(sampler)
+        path = self.path(data.name, shots, seed, val_shots, sampler)
         if path.is_file():
-            split = self._load(path, data)
+            split = self._load(path, data, sampler)
             if split is not None:
                 return split
             log.warning("few-shot split file %s is corrupt, edited or stale; drawing the split again", path)
             if self.persist:
                 path.unlink(missing_ok=True)
-        split = draw_split(data, shots, seed, self.repeat, val_shots)
+        split = drawer.draw(data, shots, seed, val_shots, self.repeat)
         if self.persist:
-            atomic_write_json(path, {**split_to_json(split, data), "lists": _lists(data), "repeat": self.repeat})
+            atomic_write_json(path, {**split_to_json(split, data), "lists": _lists(data),
+                                     "repeat": self._repeat(sampler)})
         return split
 
-    def _load(self, path: Path, data: DatasetSplits) -> FewShotSplit | None:
+    def _load(self, path: Path, data: DatasetSplits, sampler: str = "fsbench") -> FewShotSplit | None:
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
             split = split_from_json(obj, data, str(path))
         except (OSError, ValueError, RecursionError, DataError):
             return None
-        valid = (isinstance(obj, dict) and obj.get("lists") == _lists(data) and obj.get("repeat") == self.repeat
+        valid = (isinstance(obj, dict) and obj.get("lists") == _lists(data)
+                 and obj.get("repeat") == self._repeat(sampler) and split.sampler == sampler
                  and obj.get("checksum") == split.checksum(data))
         return split if valid else None
 

@@ -15,6 +15,7 @@ from fsbench.data import load_dataset
 from fsbench.engine import Runner, RunSpec
 from fsbench.method import METHODS, FewShotData, Method, register_method, zero_shot_weights
 from fsbench.protocols import PROTOCOLS, base_new_labels, class_set, harmonic_mean
+from fsbench.splits import FewShotSplit
 
 FAST = {"linear_probe": {"weight_decays": [1e-3]}, "lora": {"iters_per_shot": 2, "batch_size": 8},
         "peft": {"iters_per_shot": 2, "batch_size": 8}, "coop": {"epochs": 1}, "cocoop": {"epochs": 1},
@@ -66,7 +67,8 @@ def test_base2new_episode_holds_only_base_classes(tmp_path):
     classes = ("a", "b", "c", "d", "e")
     make_coop_dataset(tmp_path, "dtd", classes=classes, counts=(2, 1, 2))
     data = load_dataset("dtd", tmp_path)
-    ep = PROTOCOLS.get("base2new")().episode(data, tuple(range(len(data.train))), tuple(range(len(data.val))), {})
+    draw = FewShotSplit(data.name, 1, 1, tuple(range(len(data.train))), tuple(range(len(data.val))))
+    ep = PROTOCOLS.get("base2new")().episode(data, draw, {})
     assert ep.classes.names == tuple(data.classnames[:3])
     assert {data.train[i].label for i in ep.train} == {0, 1, 2}
     base, new = ep.results[0].evals

@@ -37,6 +37,11 @@ def load_config(config: Path | None, sets: list[str] | None, **runtime) -> Bench
     return apply_sets(cfg, flags)
 
 
+def sampler_set(sets: list[str] | None, sampler: str | None) -> list[str]:
+    """`--set` overrides with `--sampler NAME` added as `study.sampler`."""
+    return [*(sets or []), *([f"study.sampler={_toml(sampler)}"] if sampler is not None else [])]
+
+
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -133,19 +133,25 @@ def export_splits(
     seeds: Annotated[list[str] | None, typer.Option("--seeds", "-s", help="e.g. 1,2,3 (default: the study's).")] = None,
     root: RootOpt = None,
     config: ConfigOpt = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="fsbench | clip_lora | coop (default: the "
+                                                 "study's; `fsbench ls samplers`).")] = None,
 ) -> None:
     """Write the few-shot files of (dataset, shots, seed) to one JSON; `fsbench run --splits FILE`
     elsewhere then trains on exactly these images."""
+    from fsbench.cli.common import sampler_set
     from fsbench.data import load_dataset
+    from fsbench.samplers import get_sampler
     from fsbench.splits import SplitStore, split_to_json, write_splits_file
 
-    cfg = load_config(config, None, data_root=root)
+    cfg = load_config(config, sampler_set(None, sampler), data_root=root)
+    get_sampler(cfg.study.sampler)
     store = SplitStore(cfg.runtime.cache_dir, repeat=cfg.runtime.allow_repeat)
     shot_list = int_list(shots, "--shots") or cfg.study.shots
     seed_list = int_list(seeds, "--seeds") or cfg.study.seeds
     entries = []
     for name in split_list(dataset) or cfg.study.datasets:
         data = load_dataset(name, cfg.runtime.data_root)
-        entries += [split_to_json(store.get(data, k, s), data) for k in shot_list for s in seed_list]
+        entries += [split_to_json(store.get(data, k, s, sampler=cfg.study.sampler), data)
+                    for k in shot_list for s in seed_list]
     write_splits_file(out, entries)
     console.print(f"wrote {len(entries)} splits to {out}", highlight=False)

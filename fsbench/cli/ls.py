@@ -8,15 +8,16 @@ from rich.table import Table
 from fsbench.cli.app import app, console
 from fsbench.errors import UnknownNameError
 
-WHAT = ("methods", "datasets", "backbones", "protocols")
+WHAT = ("methods", "datasets", "backbones", "protocols", "samplers")
 
 
 @app.command()
-def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones | protocols")) -> None:
-    """List registered methods (with their paper), datasets, backbones or protocols."""
+def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones | protocols | samplers")) -> None:
+    """List registered methods (with their paper), datasets, backbones, protocols or few-shot samplers."""
     if what not in WHAT:
         raise UnknownNameError(f"unknown list {what!r}; choose one of {', '.join(WHAT)}")
-    tables = {"methods": _methods, "datasets": _datasets, "backbones": _backbones, "protocols": _protocols}
+    tables = {"methods": _methods, "datasets": _datasets, "backbones": _backbones, "protocols": _protocols,
+              "samplers": _samplers}
     console.print(tables[what]())
 
 
@@ -42,6 +43,19 @@ def _protocols() -> Table:
     for name in PROTOCOLS.names():
         cls = PROTOCOLS.get(name)
         table.add_row(name, str(cls.version), ", ".join(cls.metric_names), cls.summary)
+    return table
+
+
+def _samplers() -> Table:
+    from fsbench.samplers import DEFAULT_SAMPLER, SAMPLERS, _load_reference_samplers
+
+    _load_reference_samplers()
+    table = Table(title=f"few-shot samplers (--sampler NAME; default {DEFAULT_SAMPLER}; docs/protocols.md)")
+    for col in ("name", "version", "draws"):
+        table.add_column(col, overflow="fold")
+    for name in SAMPLERS.names():
+        cls = SAMPLERS.get(name)
+        table.add_row(name, str(cls.version), cls.summary)
     return table
 
 

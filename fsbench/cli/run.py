@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from fsbench.cli.app import app, console
-from fsbench.cli.common import int_list, load_config, progress_bars, results_table, split_list
+from fsbench.cli.common import int_list, load_config, progress_bars, results_table, sampler_set, split_list
 from fsbench.config import BenchConfig
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.registry import load_plugin
@@ -81,6 +81,8 @@ def run(
     allow_repeat: bool = Opt(None, "--allow-repeat", help="Sample with replacement in small classes."),
     skip_bad_images: bool = Opt(None, "--skip-bad-images", help="Leave out undecodable images (counted)."),
     splits: Path = Opt(None, "--splits", help="Few-shot splits file from `fsbench data export-splits`."),
+    sampler: str = Opt(None, "--sampler", help="Few-shot sampler: fsbench | clip_lora | coop (`fsbench ls "
+                       "samplers`; default: the study's)."),
     force: bool = Opt(False, "--force", help="Re-run even when a result of the same identity exists, and replace "
                       "a finished result of a different identity (refused without it)."),
     save_adapter: Path = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) "
@@ -90,13 +92,13 @@ def run(
     """Run few-shot experiments and write one result JSON per run."""
     for p in plugin or []:
         load_plugin(p)
-    cfg = load_config(config, set_, data_root=data_root, results=results, device=device,
+    cfg = load_config(config, sampler_set(set_, sampler), data_root=data_root, results=results, device=device,
                       workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
                       splits=splits, save_adapters=save_adapter.absolute() if save_adapter else None)
     specs = expand(cfg, _given(method, split_list), _given(backbone, split_list), _given(dataset, split_list),
                    _given(shots, int_list, "--shots"), _given(seed, int_list, "--seed"), pretrained, checkpoint,
                    _given(protocol, split_list))
-    _validate_names(specs)
+    _validate_names(specs, cfg)
     done = execute(cfg, specs, force)
     console.print(results_table(done))
     console.print(f"results in {cfg.runtime.results}")
@@ -114,12 +116,13 @@ def _protocol(spec) -> str:
     return "" if spec.protocol == "fewshot" else f" ({spec.protocol})"
 
 
-def _validate_names(specs) -> None:
+def _validate_names(specs, cfg: BenchConfig | None = None) -> None:
     """Fail fast on unknown names, before any model is built."""
     from fsbench.backbones import resolve_factory
     from fsbench.data import DATASETS
     from fsbench.method import METHODS
     from fsbench.protocols import PROTOCOLS
+    from fsbench.samplers import get_sampler
 
     for name in {s.protocol for s in specs}:
         PROTOCOLS.get(name)
@@ -129,3 +132,5 @@ def _validate_names(specs) -> None:
         DATASETS.get(name)
     for name in {s.backbone for s in specs}:
         resolve_factory(name)
+    if cfg is not None:
+        get_sampler(cfg.study.sampler)

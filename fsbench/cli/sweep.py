@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from fsbench.cli.app import app, console
-from fsbench.cli.common import int_list, load_config, progress_bars, split_list
+from fsbench.cli.common import int_list, load_config, progress_bars, sampler_set, split_list
 from fsbench.cli.run import _given, _validate_names, expand
 from fsbench.config import BenchConfig
 from fsbench.errors import ConfigError, RunFailed
@@ -45,6 +45,7 @@ RAY_ADDRESS = Opt(None, "--ray-address", help="Ray cluster to join ('auto', host
 SET = Opt(None, "--set", help="Override SECTION.KEY=VALUE, e.g. lora.rank=4 or sweep.max_failures=10.")
 FORCE = Opt(False, "--force", help="Rerun every run, even those with a result.")
 PLUGIN = Opt(None, "--plugin", help="Python file registering extra methods.")
+SAMPLER = Opt(None, "--sampler", help="Few-shot sampler: fsbench | clip_lora | coop (default: [study] sampler).")
 SAVE_ADAPTER = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) under DIR "
                                                 "(default: runtime.save_adapters).")
 
@@ -59,10 +60,11 @@ def sweep(
     seeds: list[str] = SEEDS, results: str = RESULTS, data_root: str = DATA_ROOT, device: str = DEVICE,
     dry_run: bool = DRY_RUN, retry: str = RETRY, executor: str = EXECUTOR, ray_address: str = RAY_ADDRESS,
     set_: list[str] = SET, force: bool = FORCE, plugin: list[Path] = PLUGIN, save_adapter: Path = SAVE_ADAPTER,
+    sampler: str = SAMPLER,
 ) -> None:
     """Run the whole study (and the ablation grid when enabled), resumable, locally or on Ray."""
-    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device,
-                save_adapters=_absolute(save_adapter))
+    cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
+                data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
     specs = expand(cfg, _given(methods, split_list), _given(backbones, split_list), _given(datasets, split_list),
                    _given(shots, int_list, "--shots"), _given(seeds, int_list, "--seeds"),
                    protocols=_given(protocols, split_list))
@@ -79,13 +81,13 @@ def ablate(
     shots: list[str] = SHOTS, seeds: list[str] = SEEDS, results: str = RESULTS, data_root: str = DATA_ROOT,
     device: str = DEVICE, dry_run: bool = DRY_RUN, retry: str = RETRY, executor: str = EXECUTOR,
     ray_address: str = RAY_ADDRESS, set_: list[str] = SET, force: bool = FORCE, plugin: list[Path] = PLUGIN,
-    save_adapter: Path = SAVE_ADAPTER,
+    save_adapter: Path = SAVE_ADAPTER, sampler: str = SAMPLER,
 ) -> None:
     """Run CLIP-LoRA's Figure 3 ablation grid (bench.toml's ablation table), one label per variant."""
     from fsbench.sweep import ablation_specs
 
-    cfg = _load(config, set_, plugin, executor, ray_address, results=results, data_root=data_root, device=device,
-                save_adapters=_absolute(save_adapter))
+    cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
+                data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
     specs = ablation_specs(cfg, split_list(backbones), split_list(datasets), int_list(shots, "--shots"),
                            int_list(seeds, "--seeds"))
     _sweep(cfg, specs, dry_run, retry, force, plugin or [])

@@ -45,6 +45,16 @@ class DatasetSplits:
     extra: dict = field(default_factory=dict)
 
     def split(self, name: str) -> list[Item]:
+        """A split by name; "train+val" is the train folder a reference code draws from where fsbench holds
+        its val split out of it (ImageNet): train and val together, ordered by class, each class's train
+        images before its val images (a class's images in folder order when the reader kept it)."""
+        if name == "train+val":
+            key = (id(self.train), id(self.val), len(self.train), len(self.val))
+            memo = self.__dict__.get("_train_val")
+            if memo is None or memo[0] != key:  # stable sort: train first within each class
+                memo = (key, sorted(self.train + self.val, key=lambda it: it.label))
+                self.__dict__["_train_val"] = memo
+            return memo[1]
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def fingerprint(self, split: str) -> str:
