@@ -39,7 +39,7 @@ from fsbench.features import FeatureCache
 from fsbench.images import BadImageError, bad_images_error, image_loader, scan_images
 from fsbench.io import ensure_writable, remove_stale_temp  # noqa: F401 (re-exported)
 from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
-from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol
+from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol, test_time_mode
 from fsbench.resolve import Decision, Prepared, Resolver, ResultConflict  # noqa: F401 (re-exported)
 from fsbench.results import Result, read_result, write_result
 from fsbench.spec import PROTOCOL_VERSION, RunSpec, config_hash  # noqa: F401 (re-exported)
@@ -248,9 +248,13 @@ class Runner(Resolver):
         ece_of: dict[str, float | None] = {}
         start = time.perf_counter()
         n = 0
+        mode = test_time_mode(prep.protocol, method.test_time)
+        if mode != "none":
+            result.extra["unlabelled_test_data"] = mode
         for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
             try:
-                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev)
+                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
+                                                  prep.protocol.online_batch)
             except NotApplicable as exc:
                 accs[ev.metric] = None
                 result.not_applicable[ev.metric] = str(exc)
@@ -294,44 +298,56 @@ class Runner(Resolver):
             out.append(FewShotData(items, labels, data.image_root, feats, tuple(index), name))
         return out[0], out[1]
 
-    @torch.no_grad()
-    def eval_logits(self, method: Method, backbone: Backbone, fitted: ClassSet,
-                    ev: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_logits(self, method: Method, backbone: Backbone, fitted: ClassSet, ev: EvalSet,
+                    mode: str = "none", online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of `ev`'s test images over `ev.classes`: a subset of the fitted classes selects rows;
-        other classes retarget the method (which may raise `NotApplicable`)."""
+        other classes retarget the method (which may raise `NotApplicable`). Under a test-time `mode`
+        ("online", "transductive") a fresh copy of the method scores the set (see `test_logits`)."""
         rows = ev.classes.rows_in(fitted)
         want = fitted if rows is not None else ev.classes
         if method.ctx.classes != want:
             previous, method.ctx.classes = method.ctx.classes, want
             try:
-                method.retarget()
+                with torch.no_grad():
+                    method.retarget()
             except NotApplicable:
                 method.ctx.classes = previous
                 raise
-        logits, _ = self.test_logits(method, backbone, self._data(ev.dataset), ev.positions)
+        scorer = method.fresh() if mode != "none" else method  # no adaptation leaks from one set to the next
+        with torch.set_grad_enabled(mode != "none"):  # a test-time method may take gradient steps
+            logits, _ = self.test_logits(scorer, backbone, self._data(ev.dataset), ev.positions, mode, online_batch)
         if rows is not None and rows != list(range(len(fitted))):
             logits = logits[:, rows]
         return logits, torch.tensor(ev.targets, dtype=torch.long)
 
-    @torch.no_grad()
     def test_logits(self, method: Method, backbone: Backbone, data: DatasetSplits,
-                    positions: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits on test images (default: the whole split): cached features, or images through the method."""
-        bs = self.cfg.runtime.eval_batch_size
+                    positions: tuple[int, ...] | None = None, mode: str = "none",
+                    online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits on test images (default: the whole split, in `positions` order): cached features, or images
+        through the method. `mode` "online" hands the method one batch of `online_batch` unlabelled inputs at a
+        time (`Method.online_logits`), "transductive" the whole set (`Method.transductive_logits`); the labels
+        are returned to the runner only, never shown to the method."""
+        bs = online_batch if mode == "online" else self.cfg.runtime.eval_batch_size
+        score = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
         if (method.eval_input or method.input_kind) == "features":
             tag, encode = method.eval_encoder or ("", None)
-            feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
-                                        encode=encode, progress=self._progress("encode test"))
-            chunks = [method.logits(feats.x[i:i + bs].to(self.device)).float().cpu()
+            with torch.no_grad():
+                feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
+                                            encode=encode, progress=self._progress("encode test"))
+            if mode == "transductive":
+                return score(feats.x.to(self.device)).detach().float().cpu(), feats.y
+            chunks = [score(feats.x[i:i + bs].to(self.device)).detach().float().cpu()
                       for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
-        loader = image_loader(items, data.image_root, backbone.preprocess, bs, self.device, workers=self.workers)
+        bs = len(items) if mode == "transductive" else bs
+        loader = image_loader(items, data.image_root, backbone.preprocess, max(1, bs), self.device,
+                              workers=self.workers)
         chunks, labels = [], []
         for images, y in self.track(loader, len(loader), "evaluate"):
             with torch.autocast(self.device.type, dtype=amp_dtype(self.device) or torch.bfloat16,
                                 enabled=amp_dtype(self.device) is not None):
-                chunks.append(method.logits(images.to(self.device, non_blocking=True)).float().cpu())
+                chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
             labels.append(y)
         return _cat(chunks), _cat(labels)
 

@@ -8,6 +8,7 @@ from its paper), an `input_kind`, `fit(train, val)` and `logits(x)`, registered 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from fsbench.registry import Registry, import_all
 from fsbench.text import encode_tokens
 
 InputKind = Literal["features", "images"]
+# What a method can do with unlabelled evaluation data, where the protocol allows it (`Protocol.unlabelled`):
+# nothing; adapt online, one batch at a time in the protocol's order (`online_logits`); or see the whole
+# evaluation set at once (`transductive_logits`).
+TestTime = Literal["none", "online", "transductive"]
 
 
 @dataclass
@@ -178,6 +183,8 @@ class Method(ABC):
     val_shots: ClassVar[Literal["default", "shots"]] = "default"
     # why the method cannot score classes it was not fitted on (when it does not override `retarget`)
     unseen_reason: ClassVar[str] = "it learns parameters per training class and has none for unseen classes"
+    # what it can do with unlabelled evaluation data (used only under a protocol that allows it)
+    test_time: ClassVar[TestTime] = "none"
 
     def __init__(self, config: Any, ctx: Context):
         self.config = config
@@ -190,6 +197,22 @@ class Method(ABC):
     @abstractmethod
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores (N, C) for a batch of features or images (see `input_kind`)."""
+
+    def online_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of one batch of unlabelled evaluation inputs, in the protocol's order; a test-time method
+        (`test_time = "online"`) adapts on them as it goes. Never given labels. Default: `logits`."""
+        return self.logits(x)
+
+    def transductive_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of a whole unlabelled evaluation set at once (`test_time = "transductive"`). Default: `logits`."""
+        return self.logits(x)
+
+    def fresh(self) -> Method:
+        """A copy for one evaluation set under a protocol that shows unlabelled test data, so adaptation never
+        leaks from one set (or one target dataset) to the next: the method's own state is deep-copied, the
+        context (frozen backbone, device) is shared. A method that adapts the shared backbone in place at test
+        time overrides this to undo it."""
+        return copy.deepcopy(self, {id(self.ctx): self.ctx})
 
     def retarget(self) -> None:
         """Re-derive what depends on the class set after the runner set `ctx.classes` to classes the

@@ -114,6 +114,11 @@ class Protocol:
     headline: ClassVar[str] = "top1"
     summary: ClassVar[str] = ""
     source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
+    # what a method may do with the unlabelled evaluation images: "none" (inductive: a method never sees them),
+    # "online" (one batch of `online_batch` at a time, in the eval set's order, reset between sets) or
+    # "transductive" (each whole set at once; online methods also run). Labels are never shown.
+    unlabelled: ClassVar[str] = "none"
+    online_batch: ClassVar[int] = 1
 
     def __init__(self, targets: tuple[str, ...] = ()):
         self.target_names = tuple(targets)
@@ -137,6 +142,13 @@ class Protocol:
 
 
 PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
+UNLABELLED_USES = {"none": (), "online": ("online",), "transductive": ("online", "transductive")}
+
+
+def test_time_mode(protocol: Protocol, method_test_time: str) -> str:
+    """How a method with `method_test_time` scores under `protocol`: its test-time mode where the protocol
+    allows it, else "none" (plain inductive `logits`)."""
+    return method_test_time if method_test_time in UNLABELLED_USES.get(protocol.unlabelled, ()) else "none"
 
 
 def register_protocol(name: str) -> Callable[[type[Protocol]], type[Protocol]]:
