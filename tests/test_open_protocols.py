@@ -31,8 +31,8 @@ def _run(root: Path, method: str, protocol: str, shots: int = 4, *extra: str, se
     plugins = [a for p in ("protocol_carved.py", "protocol_online_toy.py", "recording_method.py")
                for a in ("--plugin", str(PLUGINS / p))]
     return main(["run", *plugins, "--method", method, "--protocol", protocol, "--backbone", "test-tiny",
-                 "--dataset", "synthetic", "--shots", str(shots), "--seed", str(seed), "--workers", "0", "--device", "cpu",
-                 "--data-root", str(root), *extra])
+                 "--dataset", "synthetic", "--shots", str(shots), "--seed", str(seed), "--workers", "0",
+                 "--device", "cpu", "--data-root", str(root), *extra])
 
 
 def _events(workdir: Path) -> list[dict]:
