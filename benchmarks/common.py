@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fsbench.backbones import Backbone
 from fsbench.data.base import DatasetSplits, Item
-from fsbench.engine import amp_dtype
+from fsbench.device import amp_dtype
 from fsbench.method import Context, FewShotData
 from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 

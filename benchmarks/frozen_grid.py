@@ -31,9 +31,12 @@ from common import device_arg, machine, speedup_line, write_images
 from fsbench.config import BenchConfig, Runtime, Study
 from fsbench.data.base import DatasetSplits, Item
 from fsbench.dataprep.sources import SOURCES
-from fsbench.engine import Runner, RunSpec, accuracy, amp_dtype
+from fsbench.device import amp_dtype
+from fsbench.engine import Runner
+from fsbench.execute import accuracy
 from fsbench.features import FeatureCache, encode_images
 from fsbench.method import METHODS, Context, FeatureSource, FewShotData
+from fsbench.spec import RunSpec
 from fsbench.splits import draw_split
 
 DTD_CLASSES = ("banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted "
@@ -131,9 +134,10 @@ def naive_run(runner: Runner, spec: RunSpec, cache_dir: Path) -> tuple[float, in
     """One run without cross-run caching: encode this run's images, fit, score.
 
     Returns the top-1 and the images the run encoded (each augmented view counts)."""
-    data, backbone, device = runner.dataset(spec.dataset), runner.backbone(spec), runner.device
-    cls, config = runner.method_and_config(spec)
-    split = runner.splits.get(data, spec.shots, spec.seed)
+    data, backbone = runner.planner.dataset(spec.dataset), runner.executor.backbone(spec)
+    device = runner.executor.device
+    cls, config = runner.planner.method_and_config(spec)
+    split = runner.planner.splits.get(data, spec.shots, spec.seed)
     batch = runner.cfg.runtime.eval_batch_size
 
     def encode(items: list) -> torch.Tensor:
@@ -202,10 +206,10 @@ def main() -> None:
         runner = Runner(BenchConfig(study=Study(), runtime=runtime))
         specs = [RunSpec(m, args.backbone, args.dataset, k, s, pretrained="none")
                  for k in args.shots for s in args.seeds for m in args.methods]
-        runner.backbone(specs[0])  # built once, outside both clocks
-        data = runner.dataset(args.dataset)
+        runner.executor.backbone(specs[0])  # built once, outside both clocks
+        data = runner.planner.dataset(args.dataset)
         for spec in specs:  # draw the few-shot splits outside both clocks too
-            runner.splits.get(data, spec.shots, spec.seed)
+            runner.planner.splits.get(data, spec.shots, spec.seed)
         out, naive_images = interleaved(runner, specs, root)
     fast_s = sum(t for _, t in out["runner"].values())
     naive_s = sum(t for _, t in out["naive"].values())
@@ -216,9 +220,9 @@ def main() -> None:
           f"{len(data.test)} test images")
     print(f"grid: {args.backbone} (random weights), {len(args.methods)} methods ({', '.join(args.methods)}) "
           f"x shots {args.shots} x seeds {args.seeds} = {len(specs)} runs")
-    print(f"runner (feature cache):      {fast_s:8.1f} s, {runner.features.encoded_images} images encoded")
+    print(f"runner (feature cache):      {fast_s:8.1f} s, {runner.executor.features.encoded_images} images encoded")
     print(f"naive (re-encode every run): {naive_s:8.1f} s, {naive_images} images encoded "
-          f"({naive_images / max(1, runner.features.encoded_images):.1f}x)")
+          f"({naive_images / max(1, runner.executor.features.encoded_images):.1f}x)")
     print("\n".join(summary(args.methods, specs, out)))
     detail = ": " + "; ".join(differ) if differ else ""
     print(f"top-1 equal in {len(specs) - len(differ)} of {len(specs)} runs{detail}")

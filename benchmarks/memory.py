@@ -27,7 +27,7 @@ from reference import reference_lora_layers, reference_loss, reference_model
 
 from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.data.base import DatasetSplits
-from fsbench.engine import amp_dtype
+from fsbench.device import amp_dtype
 from fsbench.method import Context
 from fsbench.methods.lora import CLIPLoRA, LoRAConfig
 

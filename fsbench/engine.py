@@ -1,123 +1,54 @@
-"""The one evaluation loop every method shares.
+"""The runner: one run from its spec to its result files, in three parts with one job each.
 
-`Runner.run(spec)` does one run in small steps, each with one job:
+1. plan (`fsbench.resolve.Resolver`): resolve the method config and the protocol, load and validate the
+   datasets, take the few-shot draw, build the protocol's episode and the identity of every result, and
+   decide: reuse the stored results, run, or refuse (`ResultConflict`) to replace a finished result of a
+   different identity without `--force`. No model is built; the sweep planner uses this part alone;
+2. execute (`fsbench.execute.Executor`): build the backbone, fit the method on the episode and score every
+   evaluation set;
+3. record (`fsbench.record.Recorder`): write one result file per target, never replacing a finished result
+   by a failed one.
 
-1. `prepare`: resolve the method config and the protocol, load (and validate) the datasets, take the
-   few-shot draw, build the protocol's episode and the identity of every result it will write
-   (`fsbench.identity`) -- no model is built;
-2. `decide`: reuse the stored results if their identity is the same; refuse (`ResultConflict`)
-   to replace a finished result of a different identity without `--force`;
-3. `execute`: build the backbone, fit the method on the episode's few-shot sets, and score every
-   evaluation set (retargeting the method to unseen classes where the protocol asks for it);
-4. `record`: write one result file per target, never replacing a finished result by a failed one.
-
-The runner keeps the last backbone, datasets and the feature cache alive, so consecutive runs on
-the same (backbone, dataset) pay for loading and encoding once; evaluation sets index into whole
-test splits, so every protocol shares the cached test features.
+`Runner` only sequences them and turns failures into failed results; the parts never inherit from or
+call into each other except through the values passed here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import resource
-import shutil
-import time
 import traceback
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from fsbench import adapters, identity
-from fsbench.backbones import Backbone, BackboneSpec, build_backbone
+from fsbench import adapters
 from fsbench.config import BenchConfig
-from fsbench.data import DatasetSplits
-from fsbench.data.base import Item
-from fsbench.errors import ConfigError, DataError, FsbenchError, RunFailed
-from fsbench.features import FeatureCache
-from fsbench.images import BadImageError, bad_images_error, image_loader, scan_images
-from fsbench.io import ensure_writable, remove_stale_temp  # noqa: F401 (re-exported)
-from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
-from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol, test_time_mode
-from fsbench.resolve import Decision, Prepared, Resolver, ResultConflict  # noqa: F401 (re-exported)
-from fsbench.results import Result, read_result, write_result
-from fsbench.spec import PROTOCOL_VERSION, RunSpec, config_hash  # noqa: F401 (re-exported)
-from fsbench.splits import (
-    FewShotSplit,
-)
-from fsbench.versions import versions
+from fsbench.errors import FsbenchError, RunFailed
+from fsbench.execute import Executor
+from fsbench.images import BadImageError
+from fsbench.io import remove_stale_temp
+from fsbench.method import Method
+from fsbench.record import Recorder, fail, now
+from fsbench.resolve import Prepared, Resolver, ResultConflict
+from fsbench.results import Result
+from fsbench.spec import RunSpec
 
 Track = Callable[[Iterable, int, str], Iterable]
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when available; an unavailable CUDA device is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked but CUDA is not available; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision: bf16 where supported, fp16 on older GPUs, none on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent, exact (integer count of hits over the number of samples)."""
-    if len(labels) == 0:
-        return float("nan")
-    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
-    return 100.0 * hits / len(labels)
-
-
-def calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Expected calibration error (15 bins, percent) of the softmax of `logits`."""
-    from fsbench.metrics import ece
-
-    if len(labels) == 0:
-        return None
-    conf, pred = logits.float().softmax(-1).max(-1)
-    return float(ece(conf.numpy(), (pred == labels).numpy(), 15))
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak GPU memory of the run on CUDA; the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-class Runner(Resolver):
-    """Runs `RunSpec`s against one runtime configuration, caching what runs can share: the resolver's
-    datasets and draws, the last backbone, and the feature cache."""
+class Runner:
+    """Runs `RunSpec`s against one runtime configuration: `planner`, `executor` and `recorder` keep what runs
+    can share (datasets and draws; the last backbone and the feature cache)."""
 
     def __init__(self, cfg: BenchConfig, track: Track | None = None, writable: bool = True):
-        super().__init__(cfg, track, writable)
-        rt = cfg.runtime
+        self.cfg = cfg
+        self.planner = Resolver(cfg, track, writable)
         if writable:
-            for folder in (rt.results, rt.cache_dir):  # temp files a killed writer left behind
+            for folder in (cfg.runtime.results, cfg.runtime.cache_dir):  # temp files a killed writer left behind
                 remove_stale_temp(folder)
-        self.device = resolve_device(rt.device)
-        self.workers = None if rt.workers < 0 else rt.workers
-        self.features = FeatureCache(rt.cache_dir, self.device, rt.eval_batch_size, self.workers)
-        self._backbone: tuple[BackboneSpec, Backbone] | None = None
+        save = self._save_adapter if cfg.runtime.save_adapters else None
+        self.executor = Executor(cfg, self.planner.track, self.planner.dataset, save)
+        self.recorder = Recorder(cfg.runtime.results)
 
-    def backbone(self, spec: RunSpec) -> Backbone:
-        bspec = BackboneSpec(spec.backbone, spec.pretrained or None, spec.checkpoint or None)
-        if self._backbone is None or self._backbone[0] != bspec:
-            self._backbone = None  # free the previous model before building the next
-            self._backbone = (bspec, build_backbone(bspec, self.device))
-        return self._backbone[1]
-
-    # ---- the run ----------------------------------------------------------------------------------
     def run(self, spec: RunSpec, force: bool = False, record_errors: bool = False) -> tuple[Result, bool]:
         """Run `spec` (or reuse its result); returns (its first result, reused). See `run_all`."""
         results, reused = self.run_all(spec, force, record_errors)
@@ -132,289 +63,49 @@ class Runner(Resolver):
         result never replaces a finished one on disk.
         """
         try:
-            prep = self.prepare(spec)
+            prep = self.planner.prepare(spec)
         except FsbenchError as exc:
             if not record_errors:
                 raise
-            return [self._failed_stub(spec, exc)], False
-        force = force or spec.replace
-        decision = self.decide(prep, force)
+            return [self.recorder.failed_stub(spec, exc)], False
+        decision = self.planner.decide(prep, force or spec.replace)
         if decision.action == "conflict":
             raise ResultConflict(decision.reason)
         if decision.action == "reuse" or (decision.action == "failed" and not retry_failed):
             return [r for r in decision.stored.values() if r is not None], True
         results = self._attempt(prep, record_errors)
         try:
-            return [self._record(prep, r) for r in results], False
+            return [self.recorder.write(prep, r) for r in results], False
         except RunFailed as exc:  # the results could not be written (disk full): a failed run, not an abort
             if not record_errors:
                 raise
-            _fail({r.dataset: r for r in results}, str(exc))
+            fail({r.dataset: r for r in results}, str(exc))
             return results, False
 
-    def _failed_stub(self, spec: RunSpec, exc: BaseException) -> Result:
-        """A failed result for a run that could not even be prepared (not written: nothing to compare)."""
-        return Result(method=spec.label or spec.method, backbone=spec.backbone, dataset=spec.dataset,
-                      shots=spec.shots, seed=spec.seed, status="failed", error=str(exc),
-                      protocol=spec.protocol, versions=versions(), created_at=_now())
-
-    def _record(self, prep: Prepared, result: Result) -> Result:
-        """Write `result`, unless it failed and a finished result is stored there: a failed run never
-        destroys a number, not even under --force (the failure is reported, the old result kept)."""
-        path = prep.paths[result.dataset]
-        old = read_result(path) if path.is_file() else None
-        if result.status != "ok" and old is not None and old.status == "ok":
-            result.extra["not_written"] = f"a finished result is kept at {path}"
-            return result
-        try:
-            write_result(self.cfg.runtime.results, result)
-        except OSError as exc:
-            raise RunFailed(f"cannot write the result to {path} ({exc.strerror or exc}); free space or choose "
-                            "another folder with --results DIR") from None
-        return result
-
     def _attempt(self, prep: Prepared, record_errors: bool) -> list[Result]:
-        results = {t.dataset: self._blank(prep, t) for t in prep.episode.results}
+        checksum = prep.split.checksum(self.planner.dataset(prep.episode.source))
+        results = {t.dataset: self.recorder.blank(prep, t, str(self.executor.device), checksum)
+                   for t in prep.episode.results}
         try:
-            self._execute(prep, results)
+            self.executor.execute(prep, results)
         except BadImageError:
-            error = self._bad_images(prep)  # every unreadable file, not only the first
+            error = self.executor.bad_images(prep)  # every unreadable file, not only the first
             if not record_errors:
                 raise error from None
-            _fail(results, str(error))
+            fail(results, str(error))
         except (RunFailed, torch.OutOfMemoryError) as exc:
-            _fail(results, _failure_message(exc))
+            fail(results, _failure_message(exc))
         except Exception as exc:
             if not record_errors:
                 raise
-            _fail(results, _error_line(exc), traceback.format_exc())
+            fail(results, _error_line(exc), traceback.format_exc())
         for r in results.values():
-            r.created_at = _now()
+            r.created_at = now()
         return list(results.values())
 
-    def _blank(self, prep: Prepared, target: Target) -> Result:
-        spec, cls, protocol = prep.spec, prep.cls, prep.protocol
-        result = Result(method=spec.label or cls.name, backbone=spec.backbone, dataset=target.dataset,
-                        shots=spec.shots, seed=spec.seed, pretrained=spec.pretrained or None,
-                        config=dataclasses.asdict(prep.config), config_hash=config_hash(cls.name, prep.config, spec),
-                        device=str(self.device), versions=versions(), protocol=protocol.name,
-                        protocol_version=protocol.version,
-                        source_dataset=prep.episode.source if protocol.source_result else None,
-                        identity=prep.identities[target.dataset], identity_hash=prep.identity_hash(target.dataset))
-        result.split_checksum = prep.split.checksum(self._data(prep.episode.source))
-        if spec.label:
-            result.extra["base_method"] = cls.name
-        return result
-
-    # ---- 3. execute: fit once, score every evaluation set ------------------------------------------
-    def _execute(self, prep: Prepared, results: dict[str, Result]) -> None:
-        spec, episode = prep.spec, prep.episode
-        source = self._data(episode.source)
-        self._check_free_space()
-        if (prep.cls.eval_input or prep.cls.input_kind) == "images":  # an unreadable test image: before training
-            self._scan_once([it for t in episode.results for ev in t.evals
-                             for it in self._eval_items(ev)], source.image_root)
-        backbone = self.backbone(spec)
-        torch.manual_seed(spec.seed)  # dropout and other module-level randomness
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        features = FeatureSource(self.features, backbone, source, self._progress("encode"))
-        ctx = Context(backbone, episode.classes, self.device, spec.seed, spec.shots, amp_dtype(self.device),
-                      self.workers, self.track, features)
-        method = prep.cls(prep.config, ctx)
-        train, val = self.fewshot(prep.cls, backbone, source, episode)
-        start = time.perf_counter()
-        method.fit(train, val)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        train_seconds = time.perf_counter() - start
-        if self.cfg.runtime.save_adapters:  # what the method learned, before it sees test data
-            adapters.save_adapter(method, self.adapter_dir(prep), spec,
-                                  prep.identity_hash(episode.results[0].dataset))
-        for target in episode.results:
-            r = results[target.dataset]
-            r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
-            r.train_seconds = train_seconds
-            self._evaluate(method, backbone, prep, target, r)
-            r.peak_memory_bytes = peak_memory(self.device)
-            r.trainable_params = method.trainable_params()
-            r.inference_overhead = method.inference_overhead()
-            if "skipped_images" in source.extra:
-                r.extra["skipped_images"] = len(source.extra["skipped_images"])
-
-    def _evaluate(self, method: Method, backbone: Backbone, prep: Prepared, target: Target, result: Result) -> None:
-        """Score every evaluation set of `target` and turn the accuracies into the protocol's metrics."""
-        accs: dict[str, float | None] = {}
-        ece_of: dict[str, float | None] = {}
-        start = time.perf_counter()
-        n = 0
-        mode = test_time_mode(prep.protocol, method.test_time)
-        if mode != "none":
-            result.extra["unlabelled_test_data"] = mode
-        for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
-            try:
-                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
-                                                  prep.protocol.online_batch)
-            except NotApplicable as exc:
-                accs[ev.metric] = None
-                result.not_applicable[ev.metric] = str(exc)
-                continue
-            if not torch.isfinite(logits).all():
-                raise RunFailed(f"non-finite logits on the {ev.dataset} test set")
-            accs[ev.metric] = accuracy(logits, labels)
-            ece_of[ev.metric] = calibration_error(logits, labels)
-            n += len(labels)
-        result.eval_seconds = time.perf_counter() - start
-        result.metrics = prep.protocol.metrics(accs)
-        for name in prep.protocol.metric_names:
-            if result.metrics.get(name) is None and name not in result.not_applicable and result.not_applicable:
-                result.not_applicable[name] = "needs " + ", ".join(sorted(result.not_applicable))
-        headline = prep.protocol.headline
-        # ECE of the headline set, else of the first set scored (base2new: base); per set when several
-        result.metrics["ece"] = ece_of.get(headline, next(iter(ece_of.values()), None))
-        if len(target.evals) > 1:
-            result.metrics.update({f"ece_{k}": v for k, v in ece_of.items()})
-        result.top1 = result.metrics.get(headline)
-        result.n_test = n
-
-    def _eval_items(self, ev: EvalSet) -> list[Item]:
-        test = self._data(ev.dataset).test
-        return [test[i] for i in ev.positions]
-
-    def fewshot(self, cls: type[Method], backbone: Backbone, data: DatasetSplits,
-                episode: Episode | FewShotSplit) -> tuple[FewShotData, FewShotData]:
-        """The episode's train and val sets (labels = class indices in the fitted class set), with cached
-        features for feature methods. A bare `FewShotSplit` means its few-shot episode (all classes)."""
-        if isinstance(episode, FewShotSplit):
-            episode = make_protocol("fewshot").episode(data, episode, {})
-        out = []
-        for name, index, targets in ((episode.train_split, episode.train, episode.train_targets),
-                                     (episode.val_split, episode.val, episode.val_targets)):
-            items = [Item(data.split(name)[i].path, t) for i, t in zip(index, targets, strict=True)]
-            labels = torch.tensor(list(targets), dtype=torch.long)
-            feats = None
-            if cls.input_kind == "features":
-                feats = self.features.split(backbone, data, name, index, self._progress(f"encode {name}")).x
-            out.append(FewShotData(items, labels, data.image_root, feats, tuple(index), name))
-        return out[0], out[1]
-
-    def eval_logits(self, method: Method, backbone: Backbone, fitted: ClassSet, ev: EvalSet,
-                    mode: str = "none", online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of `ev`'s test images over `ev.classes`: a subset of the fitted classes selects rows;
-        other classes retarget the method (which may raise `NotApplicable`). Under a test-time `mode`
-        ("online", "transductive") a fresh copy of the method scores the set (see `test_logits`)."""
-        rows = ev.classes.rows_in(fitted)
-        want = fitted if rows is not None else ev.classes
-        if method.ctx.classes != want:
-            previous, method.ctx.classes = method.ctx.classes, want
-            try:
-                with torch.no_grad():
-                    method.retarget()
-            except NotApplicable:
-                method.ctx.classes = previous
-                raise
-        scorer = method.fresh() if mode != "none" else method  # no adaptation leaks from one set to the next
-        with torch.set_grad_enabled(mode != "none"):  # a test-time method may take gradient steps
-            logits, _ = self.test_logits(scorer, backbone, self._data(ev.dataset), ev.positions, mode, online_batch)
-        if rows is not None and rows != list(range(len(fitted))):
-            logits = logits[:, rows]
-        return logits, torch.tensor(ev.targets, dtype=torch.long)
-
-    def test_logits(self, method: Method, backbone: Backbone, data: DatasetSplits,
-                    positions: tuple[int, ...] | None = None, mode: str = "none",
-                    online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits on test images (default: the whole split, in `positions` order): cached features, or images
-        through the method. `mode` "online" hands the method one batch of `online_batch` unlabelled inputs at a
-        time (`Method.online_logits`), "transductive" the whole set (`Method.transductive_logits`); the labels
-        are returned to the runner only, never shown to the method."""
-        bs = online_batch if mode == "online" else self.cfg.runtime.eval_batch_size
-        score = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
-        if (method.eval_input or method.input_kind) == "features":
-            tag, encode = method.eval_encoder or ("", None)
-            with torch.no_grad():
-                feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
-                                            encode=encode, progress=self._progress("encode test"))
-            if mode == "transductive":
-                return score(feats.x.to(self.device)).detach().float().cpu(), feats.y
-            chunks = [score(feats.x[i:i + bs].to(self.device)).detach().float().cpu()
-                      for i in range(0, len(feats.y), bs)]
-            return _cat(chunks), feats.y
-        items = data.test if positions is None else [data.test[i] for i in positions]
-        bs = len(items) if mode == "transductive" else bs
-        loader = image_loader(items, data.image_root, backbone.preprocess, max(1, bs), self.device,
-                              workers=self.workers)
-        chunks, labels = [], []
-        for images, y in self.track(loader, len(loader), "evaluate"):
-            with torch.autocast(self.device.type, dtype=amp_dtype(self.device) or torch.bfloat16,
-                                enabled=amp_dtype(self.device) is not None):
-                chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
-            labels.append(y)
-        return _cat(chunks), _cat(labels)
-
-    # ---- failures ----------------------------------------------------------------------------------
-    def _scan_once(self, items: list[Item], root: Path) -> None:
-        """Decode `items` once per content (the scan is cached by their digest) and name every bad file."""
-        key = identity.items_digest(root, items)
-        mark = Path(self.cfg.runtime.cache_dir) / "image_scan" / f"ok-{key}"
-        if mark.is_file():
-            return
-        bad = scan_images(items, root, self.track, "check test images")
-        if bad:
-            raise bad_images_error(sorted({it.path for it in bad}), root)
-        try:
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.touch()
-        except OSError:
-            pass
-
-    def _check_free_space(self) -> None:
-        """Fail before training when the results or cache disk is (nearly) full."""
-        for folder, flag in ((self.cfg.runtime.results, "--results DIR"),
-                             (self.cfg.runtime.cache_dir, "--set runtime.cache_dir=DIR")):
-            path = Path(folder).absolute()
-            existing = next(p for p in (path, *path.parents) if p.exists())
-            free = shutil.disk_usage(existing).free
-            if free < MIN_FREE_BYTES:
-                raise RunFailed(f"only {free // 1024} KiB free under {existing}; free some space or choose "
-                                f"another folder with {flag}")
-
-    def _bad_images(self, prep: Prepared) -> DataError:
-        """One error naming every unreadable file the run reads: its few-shot images and its test sets."""
-        data = self._data(prep.episode.source)
-        ep = prep.episode
-        items = [data.split(ep.train_split)[i] for i in ep.train] + [data.split(ep.val_split)[i] for i in ep.val]
-        bad = scan_images(items, data.image_root, self.track, "find unreadable images")
-        for t in prep.episode.results:
-            for ev in t.evals:
-                ev_data = self._data(ev.dataset)
-                bad += scan_images(self._eval_items(ev), ev_data.image_root, self.track, "find unreadable images")
-        return bad_images_error(sorted({it.path for it in bad}), data.image_root)
-
-    def _progress(self, desc: str) -> Callable:
-        return lambda it, total: self.track(it, total, desc)
-
-
-MIN_FREE_BYTES = 16 * 1024 * 1024  # a result is KBs, a cache shard MBs: below this a run would fail to record
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _fail(results: dict[str, Result], error: str, trace: str | None = None) -> None:
-    for r in results.values():
-        r.status, r.error = "failed", error
-        r.top1, r.metrics = None, {}
-        if trace:
-            r.extra["traceback"] = trace
-
-
-def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(chunks) if chunks else torch.zeros(0)
+    def _save_adapter(self, method: Method, prep: Prepared) -> None:
+        adapters.save_adapter(method, self.planner.adapter_dir(prep), prep.spec,
+                              prep.identity_hash(prep.episode.results[0].dataset))
 
 
 def _error_line(exc: BaseException) -> str:

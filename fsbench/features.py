@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fsbench.backbones import Backbone
 from fsbench.data.base import DatasetSplits, Item
+from fsbench.device import autocast, precision_name
 from fsbench.images import image_loader
 from fsbench.io import atomic_write
 
@@ -111,10 +112,9 @@ def encode_images(backbone: Backbone, items: list[Item], root: Path, transform: 
     batch = max(1, batch_size // max(1, getattr(transform, "views", 1)))
     loader = image_loader(items, root, transform, batch, device, workers=workers, seeds=seeds)
     xs, ys = [], []
-    amp = device.type == "cuda"
     for images, labels in (progress(loader, len(loader)) if progress else loader):
         shape = images.shape
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device):  # the one mixed-precision policy (fsbench.device)
             x = images.to(device, non_blocking=True).flatten(0, images.dim() - 4)
             f = backbone.model.encode_image(x) if encode is None else encode(backbone.model, x)
         f = f.float() if encode is not None else F.normalize(f.float(), dim=-1)
@@ -149,7 +149,7 @@ class FeatureCache:
             "version": CACHE_VERSION, "backbone": backbone.key, "dataset": data.name,
             "image_root": str(Path(data.image_root).resolve()), "split": split,
             "fingerprint": data.fingerprint(split), "transform": repr(transform),
-            "precision": "bf16-autocast" if self.device.type == "cuda" else "fp32", "tag": tag,
+            "precision": precision_name(self.device), "tag": tag,
         }
 
     def path(self, key: dict) -> Path:

@@ -16,10 +16,10 @@ from fsbench.attention import split_attention
 from fsbench.backbones import TEST_TINY
 from fsbench.cli import main
 from fsbench.config import method_config
-from fsbench.engine import RunSpec
 from fsbench.errors import ConfigError
 from fsbench.method import METHODS, Context
 from fsbench.results import read_result
+from fsbench.spec import RunSpec
 
 CPU = torch.device("cpu")
 

@@ -23,12 +23,12 @@ from fsbench.adapters import load_adapter, save_adapter
 from fsbench.attention import _split_tree, attention_layers, fused_state_dict
 from fsbench.backbones import Backbone, BackboneSpec, attention_counts, build_backbone, describe, resolve_factory
 from fsbench.cli import main
-from fsbench.engine import RunSpec
 from fsbench.errors import ConfigError, WeightsError
 from fsbench.images import image_loader
 from fsbench.method import METHODS
 from fsbench.methods.lora import LoRAConfig, inject_lora, merged_state_dict
 from fsbench.prompts import build_prompts, encode_prompts
+from fsbench.spec import RunSpec
 from fsbench.text import bucket_tokens, encode_token_embeddings, encode_tokens, text_tower, truncate_tokens
 from fsbench.tokenizers import StandInTokenizer, load_tokenizer
 
@@ -109,7 +109,7 @@ def contract_runner(tmp_path_factory, make_runner):
 
 
 def contract_inputs(runner, bb: Backbone, synthetic) -> dict[str, torch.Tensor]:
-    feats = runner.features.split(bb, synthetic, "test").x[:N_TEST]
+    feats = runner.executor.features.split(bb, synthetic, "test").x[:N_TEST]
     loader = image_loader(synthetic.test[:N_TEST], synthetic.image_root, bb.preprocess, N_TEST,
                           torch.device("cpu"), workers=0)
     return {"features": feats, "images": next(iter(loader))[0]}

@@ -61,11 +61,11 @@ def test_bad_value_in_a_method_table_names_the_file(tmp_path):
 
 
 def test_cli_refuses_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import fsbench.engine as engine
+    import fsbench.execute as execute
     import fsbench.resolve as resolve
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(engine, "build_backbone", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(execute, "build_backbone", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(resolve, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     for setting in ("lora.lr=nan", "lora.betas=[2,3]", "clip_adapter.lr=-1", "lroa.rank=4"):
         rc = main(["run", "-m", "lora", "-b", "test-tiny", "-d", "synthetic", "--device", "cpu",

@@ -161,7 +161,7 @@ def test_plot_pp_stage_1_trains_the_vision_prompts_only(tiny, synthetic, monkeyp
 
     monkeypatch.setattr(plot_pp, "train_epochs", spy)
     runner = make_runner(tmp_path)
-    train, val = runner.fewshot(PlotPP, tiny, synthetic, runner.splits.get(synthetic, 1, 1))
+    train, val = runner.executor.fewshot(PlotPP, tiny, synthetic, runner.planner.splits.get(synthetic, 1, 1))
     plot = _method(PlotPP, tiny, synthetic, epochs=2)
     plot.fit(train, val)
     (vision0,), (text1, vision1) = calls  # stage 1: vision prompts; stage 2: text contexts and vision prompts

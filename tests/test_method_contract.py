@@ -16,9 +16,10 @@ import torch
 
 from fsbench.adapters import load_adapter, save_adapter
 from fsbench.config import method_config
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.images import image_loader
 from fsbench.method import METHODS, Context, FeatureSource, Method
+from fsbench.spec import RunSpec
 
 SEED, SHOTS, N_TEST = 1, 1, 6
 FAST = {
@@ -47,7 +48,7 @@ def runner(tmp_path_factory, make_runner):
 @pytest.fixture(scope="module")
 def test_inputs(runner, tiny, synthetic):
     """A batch of test inputs in both forms: cached features and preprocessed images."""
-    feats = runner.features.split(tiny, synthetic, "test").x[:N_TEST]
+    feats = runner.executor.features.split(tiny, synthetic, "test").x[:N_TEST]
     loader = image_loader(synthetic.test[:N_TEST], synthetic.image_root, tiny.preprocess, N_TEST,
                           torch.device("cpu"), workers=0)
     images, _ = next(iter(loader))
@@ -58,10 +59,10 @@ def fitted(name: str, runner: Runner, tiny, synthetic) -> Method:
     """A method fitted as the engine fits it (seeded, with the runner's few-shot data)."""
     cls = METHODS.get(name)
     config = method_config(cls, FAST.get(name, {}))
-    split = runner.splits.get(synthetic, SHOTS, SEED)
-    train, val = runner.fewshot(cls, tiny, synthetic, split)
+    split = runner.planner.splits.get(synthetic, SHOTS, SEED)
+    train, val = runner.executor.fewshot(cls, tiny, synthetic, split)
     torch.manual_seed(SEED)
-    features = FeatureSource(runner.features, tiny, synthetic)
+    features = FeatureSource(runner.executor.features, tiny, synthetic)
     ctx = Context(tiny, synthetic, torch.device("cpu"), SEED, SHOTS, features=features)
     method = cls(config, ctx)
     method.fit(train, val)

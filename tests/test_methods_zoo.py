@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fsbench.config import BenchConfig, apply_sets, method_config
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.features import FeatureCache
 from fsbench.method import METHODS, Context, FeatureSource, zero_shot_weights
@@ -20,6 +20,7 @@ from fsbench.methods.lora import LoRAConfig
 from fsbench.methods.lp_plus_plus import class_sums, init_blending, lr_blending, lr_prototypes
 from fsbench.methods.tip_adapter import grid, search_alpha_beta
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
+from fsbench.spec import RunSpec
 from fsbench.text import encode_tokens
 from fsbench.training import coop_epochs, dassl_lr, shuffled_batches, train_epochs
 
@@ -35,9 +36,9 @@ def runner(tmp_path_factory, make_runner):
 def setup(name: str, runner: Runner, tiny, synthetic, shots: int = 2, **overrides):
     """(method, train, val) as the engine builds them, not yet fitted."""
     cls = METHODS.get(name)
-    train, val = runner.fewshot(cls, tiny, synthetic, runner.splits.get(synthetic, shots, SEED))
+    train, val = runner.executor.fewshot(cls, tiny, synthetic, runner.planner.splits.get(synthetic, shots, SEED))
     torch.manual_seed(SEED)
-    ctx = Context(tiny, synthetic, CPU, SEED, shots, features=FeatureSource(runner.features, tiny, synthetic))
+    ctx = Context(tiny, synthetic, CPU, SEED, shots, features=FeatureSource(runner.executor.features, tiny, synthetic))
     return cls(method_config(cls, overrides), ctx), train, val
 
 
@@ -48,7 +49,7 @@ def zero_shot_logits(tiny, synthetic, x: torch.Tensor) -> torch.Tensor:
 def test_tip_adapter_with_alpha_zero_is_zero_shot(runner, tiny, synthetic):
     method, train, val = setup("tip_adapter", runner, tiny, synthetic, search=False, init_alpha=0.0)
     method.fit(train, val)
-    x = runner.features.split(tiny, synthetic, "test").x
+    x = runner.executor.features.split(tiny, synthetic, "test").x
     torch.testing.assert_close(method.logits(x), zero_shot_logits(tiny, synthetic, x))
 
 
@@ -77,7 +78,7 @@ class SpyCache(FeatureCache):
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
 def test_alpha_beta_search_reads_validation_only(name, runner, tiny, synthetic, monkeypatch):
     method, train, val = setup(name, runner, tiny, synthetic, **({"epochs": 2} if name == "tip_adapter_f" else {}))
-    spy = SpyCache(runner.features)
+    spy = SpyCache(runner.executor.features)
     method.ctx.features = FeatureSource(spy, tiny, synthetic)
     searched = []
     real = tip_adapter.search_alpha_beta
@@ -111,15 +112,15 @@ def test_tip_adapter_views_are_encoded_once_per_image(tmp_path, make_runner, tin
     views = {}
     for name, shots, seed, overrides in (("tip_adapter", 2, 1, quick), ("tip_adapter_f", 2, 1, {**quick, "epochs": 1}),
                                          ("tip_adapter", 4, 2, quick)):
-        split = runner.splits.get(synthetic, shots, seed)
+        split = runner.planner.splits.get(synthetic, shots, seed)
         cls = METHODS.get(name)
-        train, val = runner.fewshot(cls, tiny, synthetic, split)
-        before = runner.features.encoded_images
-        method = cls(method_config(cls, overrides), Context(tiny, synthetic, CPU, seed, shots,
-                                                            features=FeatureSource(runner.features, tiny, synthetic)))
+        train, val = runner.executor.fewshot(cls, tiny, synthetic, split)
+        before = runner.executor.features.encoded_images
+        source = FeatureSource(runner.executor.features, tiny, synthetic)
+        method = cls(method_config(cls, overrides), Context(tiny, synthetic, CPU, seed, shots, features=source))
         new = set(split.train) - views.keys()
         got = tip_adapter.augmented_views(method.ctx, train, 2, [0.5, 1.0], view_seed=1)
-        assert runner.features.encoded_images - before == 2 * len(new)
+        assert runner.executor.features.encoded_images - before == 2 * len(new)
         for j, i in enumerate(split.train):
             if i in views:
                 torch.testing.assert_close(got[:, j], views[i], rtol=0, atol=0)
@@ -191,7 +192,7 @@ def test_cocoop_with_a_silent_meta_net_is_the_init_prompt(runner, tiny, syntheti
 def test_taskres_with_a_zero_residual_is_zero_shot(runner, tiny, synthetic):
     method, _, _ = setup("taskres", runner, tiny, synthetic)
     method.load_state_tensors({"residual": torch.zeros(len(synthetic.classnames), tiny.embed_dim)})
-    x = runner.features.split(tiny, synthetic, "test").x
+    x = runner.executor.features.split(tiny, synthetic, "test").x
     torch.testing.assert_close(method.logits(x), zero_shot_logits(tiny, synthetic, x))
     assert method.scale == 0.5
 
@@ -199,7 +200,7 @@ def test_taskres_with_a_zero_residual_is_zero_shot(runner, tiny, synthetic):
 def test_clip_adapter_with_ratio_zero_is_zero_shot(runner, tiny, synthetic):
     method, train, val = setup("clip_adapter", runner, tiny, synthetic, ratio=0.0, epochs=2)
     method.fit(train, val)
-    x = runner.features.split(tiny, synthetic, "test").x
+    x = runner.executor.features.split(tiny, synthetic, "test").x
     torch.testing.assert_close(method.logits(x), zero_shot_logits(tiny, synthetic, x))
     assert method.adapter[0].bias is None and method.adapter[0].out_features == tiny.embed_dim // 4
 
@@ -348,7 +349,7 @@ def test_frozen_encoder_methods_encode_each_image_once(tmp_path, make_runner):
     test image and every drawn image's augmented views go through the encoder exactly once."""
     runner = make_runner(tmp_path, [f"{k}={v}" for k, v in QUICK.items()])
     shots, seeds = [1, 2, 4, 8, 16], [1, 2, 3]
-    backbone = runner.backbone(RunSpec("zero_shot", "test-tiny", "synthetic", 1, 1))
+    backbone = runner.executor.backbone(RunSpec("zero_shot", "test-tiny", "synthetic", 1, 1))
     encoded, encode = [], backbone.model.encode_image
 
     def counting(images: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -364,8 +365,9 @@ def test_frozen_encoder_methods_encode_each_image_once(tmp_path, make_runner):
                     assert result.status == "ok", result.error
     finally:
         del backbone.model.encode_image
-    data = runner.dataset("synthetic")
-    drawn = [runner.splits.get(data, k, s) for k in shots for s in seeds]
+    data = runner.planner.dataset("synthetic")
+    drawn = [runner.planner.splits.get(data, k, s) for k in shots for s in seeds]
     train = set().union(*(d.train for d in drawn))
     val = set().union(*(d.val for d in drawn))
-    assert sum(encoded) == runner.features.encoded_images == len(train) * (1 + VIEWS) + len(val) + len(data.test)
+    encoded_images = runner.executor.features.encoded_images
+    assert sum(encoded) == encoded_images == len(train) * (1 + VIEWS) + len(val) + len(data.test)

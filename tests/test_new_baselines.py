@@ -38,12 +38,12 @@ def runner(tmp_path_factory, make_runner):
 @pytest.fixture(scope="module")
 def support(runner, tiny, synthetic) -> tuple[FewShotData, FewShotData]:
     """The (train, val) few-shot sets of (synthetic, 2 shots, seed 1) with their cached features."""
-    split = runner.splits.get(synthetic, SHOTS, SEED)
+    split = runner.planner.splits.get(synthetic, SHOTS, SEED)
     out = []
     for name, index in (("train", split.train), ("val", split.val)):
         items = [synthetic.split(name)[i] for i in index]
         labels = torch.tensor([it.label for it in items], dtype=torch.long)
-        feats = runner.features.split(tiny, synthetic, name, index).x
+        feats = runner.executor.features.split(tiny, synthetic, name, index).x
         out.append(FewShotData(items, labels, synthetic.image_root, feats, tuple(index), name))
     return out[0], out[1]
 
@@ -51,7 +51,7 @@ def support(runner, tiny, synthetic) -> tuple[FewShotData, FewShotData]:
 @pytest.fixture(scope="module")
 def test_set(runner, tiny, synthetic) -> dict[str, torch.Tensor]:
     """The first test images: cached features, preprocessed pixels and labels."""
-    feats = runner.features.split(tiny, synthetic, "test").x[:N_TEST]
+    feats = runner.executor.features.split(tiny, synthetic, "test").x[:N_TEST]
     loader = image_loader(synthetic.test[:N_TEST], synthetic.image_root, tiny.preprocess, N_TEST, CPU, workers=0)
     images, labels = next(iter(loader))
     return {"features": feats, "images": images, "labels": labels}
@@ -59,7 +59,7 @@ def test_set(runner, tiny, synthetic) -> dict[str, torch.Tensor]:
 
 def fit(name: str, runner, tiny, synthetic, support, **overrides):
     cls = METHODS.get(name)
-    ctx = Context(tiny, synthetic, CPU, SEED, SHOTS, features=FeatureSource(runner.features, tiny, synthetic))
+    ctx = Context(tiny, synthetic, CPU, SEED, SHOTS, features=FeatureSource(runner.executor.features, tiny, synthetic))
     method = cls(method_config(cls, overrides), ctx)
     torch.manual_seed(SEED)
     method.fit(*support)
@@ -126,11 +126,11 @@ def test_clap_outer_step_is_the_phr_update():
 
 
 def test_clap_trains_on_augmented_views(runner, tiny, synthetic, support):
-    before = runner.features.encoded_images
+    before = runner.executor.features.encoded_images
     clap = fit("clap", runner, tiny, synthetic, support, epochs=1, augment_views=3)
-    assert runner.features.encoded_images - before == 3 * len(support[0])  # 3 views per image, encoded once
+    assert runner.executor.features.encoded_images - before == 3 * len(support[0])  # 3 views per image, encoded once
     fit("clap", runner, tiny, synthetic, support, epochs=1, augment_views=3)
-    assert runner.features.encoded_images - before == 3 * len(support[0])  # cached for the next run
+    assert runner.executor.features.encoded_images - before == 3 * len(support[0])  # cached for the next run
     assert torch.isfinite(clap.prototypes).all()
 
 
@@ -156,7 +156,7 @@ def test_gda_logits_are_the_gaussian_discriminant(runner, tiny, synthetic, suppo
     f = test_set["features"]
     zs = zero_shot_logits(runner, tiny, synthetic, support, f)
     part = ((gda.logits(f) - zs) / 0.5).double().numpy()
-    views = runner.features.items(tiny, synthetic, "train", _tip_views(tiny, 3), support[0].index,
+    views = runner.executor.features.items(tiny, synthetic, "train", _tip_views(tiny, 3), support[0].index,
                                   tag="tip-adapter-views-seed1", seed=_tip_seed).x  # GDA's samples
     x, y = views.flatten(0, 1).double().numpy(), support[0].labels.repeat_interleave(3).numpy()
     n_cls = len(synthetic.classnames)
@@ -197,9 +197,9 @@ def test_gda_alpha_search_keeps_the_first_best():
 
 def test_gda_reuses_tip_adapter_views(runner, tiny, synthetic, support):
     fit("tip_adapter", runner, tiny, synthetic, support)
-    before = runner.features.encodes
+    before = runner.executor.features.encodes
     gda = fit("gda", runner, tiny, synthetic, support)  # the same 10 views per image
-    assert runner.features.encodes == before
+    assert runner.executor.features.encodes == before
     assert gda.config.alphas and float(gda.alpha) in gda.config.alphas + [gda.config.default_alpha]
 
 
@@ -214,13 +214,13 @@ def test_pre_projection_times_proj_is_clip(tiny, test_set):
 def test_cached_pre_projection_features_project_to_the_cached_features(runner, tiny, synthetic, support):
     """The pre-projection path of the cache, through CLIP's own projection, gives the cached features."""
     index = support[0].index
-    z = runner.features.items(tiny, synthetic, "train", tiny.preprocess, index, tag="prolip-pre-projection",
+    z = runner.executor.features.items(tiny, synthetic, "train", tiny.preprocess, index, tag="prolip-pre-projection",
                               encode=pre_projection).x
     assert z.shape == (len(index), tiny.model.visual.proj.shape[0])
     projected = F.normalize(z @ tiny.model.visual.proj.detach(), dim=-1)
     torch.testing.assert_close(projected, support[0].features, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="tag"):
-        runner.features.items(tiny, synthetic, "train", tiny.preprocess, index, encode=pre_projection)
+        runner.executor.features.items(tiny, synthetic, "train", tiny.preprocess, index, encode=pre_projection)
 
 
 def test_prolip_without_training_is_zero_shot(runner, tiny, synthetic, support, test_set):
@@ -280,11 +280,11 @@ def test_bad_config_is_one_line_naming_the_key(name, overrides, key):
 
 def test_prolip_encodes_the_test_split_once(tmp_path, make_runner, synthetic):
     """Pre-projection test features are cached like any frozen features: a second seed encodes no test image."""
-    from fsbench.engine import RunSpec
+    from fsbench.spec import RunSpec
 
     runner = make_runner(tmp_path, ["prolip.epochs=2", "prolip.augment_views=2"])
     runner.run(RunSpec("prolip", "test-tiny", "synthetic", 1, 1))
-    before = runner.features.encoded_images
+    before = runner.executor.features.encoded_images
     result, _ = runner.run(RunSpec("prolip", "test-tiny", "synthetic", 1, 2))
     assert result.status == "ok" and result.n_test == len(synthetic.test)
-    assert runner.features.encoded_images - before < len(synthetic.test)  # only seed 2's few-shot views
+    assert runner.executor.features.encoded_images - before < len(synthetic.test)  # only seed 2's few-shot views

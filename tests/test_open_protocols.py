@@ -41,17 +41,17 @@ def _events(workdir: Path) -> list[dict]:
 
 
 def test_carved_validation_comes_out_of_the_drawn_shots(workdir, synthetic_root):
-    assert _run(synthetic_root, "recorder", "fewshot") == 0
+    assert _run(synthetic_root, "test_time_recorder", "fewshot") == 0
     fewshot_fit = _events(workdir)[0]
     (workdir / "recorder.jsonl").unlink()
-    assert _run(synthetic_root, "recorder", "carved") == 0
+    assert _run(synthetic_root, "test_time_recorder", "carved") == 0
     fit = _events(workdir)[0]
     assert fit["event"] == "fit" and fit["train_split"] == fit["val_split"] == "train"
     assert fewshot_fit["val_split"] == "val"
     assert not set(fit["train"]) & set(fit["val"])
     assert sorted(fit["train"] + fit["val"]) == sorted(fewshot_fit["train"])  # the same K shots, split in two
     assert set(Counter(fit["val_labels"]).values()) == {2} and set(Counter(fit["train_labels"]).values()) == {2}
-    result = json.loads((workdir / "results/runs/test-tiny/synthetic/recorder/carved/shots4_seed1.json").read_text())
+    result = json.loads((workdir / "results/runs/test-tiny/synthetic/test_time_recorder/carved/shots4_seed1.json").read_text())
     assert result["status"] == "ok" and result["protocol"] == "carved" and result["top1"] is not None
 
 
@@ -63,18 +63,15 @@ def test_a_method_that_selects_on_validation_runs_on_carved_validation(workdir, 
 
 
 def test_online_protocol_shows_test_inputs_one_at_a_time_and_resets_between_sets(workdir, synthetic_root):
-    assert _run(synthetic_root, "recorder", "online_toy", 2) == 0
+    assert _run(synthetic_root, "test_time_recorder", "online_toy", 2) == 0
     events = _events(workdir)
     assert events[0]["event"] == "fit"
     online = [e for e in events if e["event"] == "online"]
     assert not [e for e in events if e["event"] == "logits"]  # every test input went through the online hook
     assert {e["n"] for e in online} == {1} and len(online) == 100  # synthetic's whole test split, one at a time
-    copies = list(dict.fromkeys(e["copy"] for e in online))
-    assert len(copies) == 2  # one fresh copy per evaluation set
-    for copy in copies:
-        seen = [e["seen_before"] for e in online if e["copy"] == copy]
-        assert seen == list(range(len(seen)))  # starts from nothing: no adaptation leaked from the other set
-    result = json.loads((workdir / "results/runs/test-tiny/synthetic/recorder/online_toy/shots2_seed1.json")
+    # one fresh copy per evaluation set (50 + 50 images): the second starts from nothing, no adaptation leaked
+    assert [e["seen_before"] for e in online] == list(range(50)) + list(range(50))
+    result = json.loads((workdir / "results/runs/test-tiny/synthetic/test_time_recorder/online_toy/shots2_seed1.json")
                         .read_text())
     assert result["extra"]["unlabelled_test_data"] == "online"
     assert set(result["metrics"]) >= {"first", "second", "top1"}
@@ -83,22 +80,22 @@ def test_online_protocol_shows_test_inputs_one_at_a_time_and_resets_between_sets
 
 def test_inductive_protocols_never_call_the_online_hook(workdir, synthetic_root):
     for protocol in ("fewshot", "base2new"):
-        assert _run(synthetic_root, "recorder", protocol, 2) == 0
+        assert _run(synthetic_root, "test_time_recorder", protocol, 2) == 0
     events = _events(workdir)
     assert not [e for e in events if e["event"] == "online"]
     assert [e for e in events if e["event"] == "logits"]
 
 
 def test_online_order_is_the_protocols_and_part_of_the_identity(workdir, synthetic_root):
-    assert _run(synthetic_root, "recorder", "online_toy", 2) == 0
+    assert _run(synthetic_root, "test_time_recorder", "online_toy", 2) == 0
     first = [e["x"] for e in _events(workdir) if e["event"] == "online"]
     (workdir / "recorder.jsonl").unlink()
-    assert _run(synthetic_root, "recorder", "online_toy", 2, "--results", "other", seed=2) == 0
+    assert _run(synthetic_root, "test_time_recorder", "online_toy", 2, "--results", "other", seed=2) == 0
     second = [e["x"] for e in _events(workdir) if e["event"] == "online"]
     assert sorted(first) == sorted(second) and first != second  # same images, another seeded order
     ids = [json.loads(p.read_text())["identity"] for p in (
-        workdir / "results/runs/test-tiny/synthetic/recorder/online_toy/shots2_seed1.json",
-        workdir / "other/test-tiny/synthetic/recorder/online_toy/shots2_seed2.json")]
+        workdir / "results/runs/test-tiny/synthetic/test_time_recorder/online_toy/shots2_seed1.json",
+        workdir / "other/test-tiny/synthetic/test_time_recorder/online_toy/shots2_seed2.json")]
     assert ids[0]["eval:synthetic/first"] != ids[1]["eval:synthetic/first"]
 
 

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fsbench.config import method_config
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.errors import ConfigError
 from fsbench.method import METHODS, Context, FeatureSource, Method, zero_shot_weights
 from fsbench.methods.kgcoop import knowledge_penalty
 from fsbench.methods.prograd import kl_to_teacher, official_lambda, prograd_template, project_conflicting
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
+from fsbench.spec import RunSpec
 from fsbench.text import encode_tokens
 from fsbench.training import BestOnValidation, DasslRecipe, dassl_steps, index_batches, shuffled_batches
 
@@ -32,8 +33,8 @@ def runner(tmp_path_factory, make_runner):
 def build(name: str, runner: Runner, tiny, synthetic, shots: int = 2, **overrides) -> tuple[Method, object, object]:
     """(method, train, val) as the engine builds them, not yet fitted."""
     cls = METHODS.get(name)
-    train, val = runner.fewshot(cls, tiny, synthetic, runner.splits.get(synthetic, shots, SEED))
-    ctx = Context(tiny, synthetic, CPU, SEED, shots, features=FeatureSource(runner.features, tiny, synthetic))
+    train, val = runner.executor.fewshot(cls, tiny, synthetic, runner.planner.splits.get(synthetic, shots, SEED))
+    ctx = Context(tiny, synthetic, CPU, SEED, shots, features=FeatureSource(runner.executor.features, tiny, synthetic))
     return cls(method_config(cls, overrides), ctx), train, val
 
 
@@ -219,5 +220,5 @@ def test_coop_grid_encodes_the_test_split_once(tmp_path, make_runner):
         for seed in (1, 2, 3):
             result, _ = runner.run(RunSpec("coop", "test-tiny", "synthetic", shots, seed))
             assert result.status == "ok", result.error
-    data = runner.dataset("synthetic")
-    assert runner.features.encoded_images == len(data.test)
+    data = runner.planner.dataset("synthetic")
+    assert runner.executor.features.encoded_images == len(data.test)

@@ -12,9 +12,10 @@ from datagen import imagenet_wnids, make_coop_dataset, make_dg_target, make_imag
 
 from fsbench.config import BenchConfig, Runtime, apply_sets
 from fsbench.data import load_dataset
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.method import METHODS, FewShotData, Method, register_method, zero_shot_weights
 from fsbench.protocols import PROTOCOLS, base_new_labels, class_set, harmonic_mean
+from fsbench.spec import RunSpec
 from fsbench.splits import FewShotSplit
 
 FAST = {"linear_probe": {"weight_decays": [1e-3]}, "lora": {"iters_per_shot": 2, "batch_size": 8},
@@ -99,7 +100,7 @@ def test_harmonic_mean():
 def test_zero_shot_under_base2new_equals_zero_shot_restricted(tmp_path, synthetic_root, synthetic, tiny):
     runner = runner_for(tmp_path, synthetic_root)
     (result,), _ = runner.run_all(RunSpec("zero_shot", "test-tiny", "synthetic", 1, 1, protocol="base2new"))
-    feats = runner.features.split(tiny, synthetic, "test")
+    feats = runner.executor.features.split(tiny, synthetic, "test")
     for metric, labels in zip(("base", "new"), base_new_labels(len(synthetic.classnames)), strict=True):
         names = [synthetic.classnames[c] for c in labels]
         weights = zero_shot_weights(tiny, names, synthetic.templates, torch.device("cpu"))
@@ -112,10 +113,10 @@ def test_zero_shot_under_base2new_equals_zero_shot_restricted(tmp_path, syntheti
 def test_base2new_after_fewshot_encodes_no_test_image_again(tmp_path, synthetic_root):
     runner = runner_for(tmp_path, synthetic_root)
     runner.run_all(RunSpec("linear_probe", "test-tiny", "synthetic", 2, 1), )
-    before = runner.features.encoded_images
+    before = runner.executor.features.encoded_images
     runner.run_all(RunSpec("zero_shot", "test-tiny", "synthetic", 2, 1, protocol="base2new"))
     runner.run_all(RunSpec("linear_probe", "test-tiny", "synthetic", 2, 1, protocol="base2new"))
-    assert runner.features.encoded_images == before
+    assert runner.executor.features.encoded_images == before
 
 
 @pytest.mark.slow
@@ -174,7 +175,7 @@ def test_protocol_results_are_reused_and_conflicts_refused(tmp_path, synthetic_r
     runner.run_all(spec)
     _, reused = runner.run_all(spec)
     assert reused
-    assert runner.decide(runner.prepare(spec)).action == "reuse"
+    assert runner.planner.decide(runner.planner.prepare(spec)).action == "reuse"
 
 
 def test_sweep_dry_run_shows_protocols(tmp_path, synthetic_root, capsys, monkeypatch):

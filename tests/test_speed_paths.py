@@ -241,7 +241,7 @@ def test_device_augmentation_on_cuda_matches_cpu() -> None:
 
 @pytest.mark.gpu
 def test_lora_loss_under_cuda_autocast_is_close_to_fp32() -> None:
-    from fsbench.engine import amp_dtype
+    from fsbench.device import amp_dtype
 
     backbone = build_backbone(BackboneSpec("test-tiny"), "cuda")
     data = DatasetSplits("x", Path("."), CLASSES, ["a photo of a {}."], [], [], [])

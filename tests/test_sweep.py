@@ -15,10 +15,11 @@ import torch
 
 from fsbench.cli import main
 from fsbench.config import BenchConfig, apply_sets, load_bench, method_config
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.features import FeatureCache, tensor_checksum
 from fsbench.method import METHODS
 from fsbench.results import iter_results, result_path
+from fsbench.spec import RunSpec
 from fsbench.sweep import WorkQueue, ablation_specs, ablation_variants, build_plan, order_runs
 from fsbench.sweep.plan import remove_stale_temp
 
@@ -122,16 +123,16 @@ def test_plan_skips_same_config_and_reruns_a_changed_one(workdir, synthetic_root
             "--seeds", "1,2"]
     assert main(args) == 0
     specs = [RunSpec(m, "test-tiny", "synthetic", 1, s) for m in ("zero_shot", "linear_probe") for s in (1, 2)]
-    plan = build_plan(Runner(tiny_cfg(workdir, synthetic_root)), specs)
+    plan = build_plan(Runner(tiny_cfg(workdir, synthetic_root)).planner, specs)
     assert (len(plan.todo), len(plan.done), len(plan.failed)) == (0, 4, 0)
-    changed = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")), specs)
+    changed = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")).planner, specs)
     assert not changed.todo and len(changed.done) == 2  # a finished result of another config is not replaced
     assert [s.method for s, _ in changed.conflicts] == ["linear_probe", "linear_probe"]
     assert all("method config changed" in reason for _, reason in changed.conflicts)
-    replaced = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")), specs,
+    replaced = build_plan(Runner(tiny_cfg(workdir, synthetic_root, "linear_probe.max_iter=21")).planner, specs,
                           replace_changed=True)  # --retry changed
     assert [s.method for s in replaced.todo] == ["linear_probe", "linear_probe"] and replaced.todo[0].replace
-    forced = build_plan(Runner(tiny_cfg(workdir, synthetic_root)), specs, force=True)
+    forced = build_plan(Runner(tiny_cfg(workdir, synthetic_root)).planner, specs, force=True)
     assert len(forced.todo) == 4
 
 

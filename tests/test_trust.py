@@ -178,16 +178,17 @@ def test_smoke_test_with_another_config_never_replaces_a_finished_result(lab, ca
 
 
 def test_failed_run_never_overwrites_a_finished_one(lab, make_runner):
-    from fsbench.engine import RunSpec
+    from fsbench.spec import RunSpec
 
     runner = make_runner(lab)
     runner.cfg.runtime.data_root = str(lab / "data")
     spec = RunSpec("zero_shot", "test-tiny", "dtd", 1, 1)
     first, _ = runner.run(spec)
-    runner._check_free_space = lambda: (_ for _ in ()).throw(__import__("fsbench").errors.RunFailed("disk full"))
+    full = __import__("fsbench").errors.RunFailed("disk full")
+    runner.executor.check_free_space = lambda: (_ for _ in ()).throw(full)
     again, reused = runner.run(spec, force=True, record_errors=True)
     assert again.status == "failed" and "not_written" in again.extra
-    assert read_result(runner.prepare(spec).paths["dtd"]).top1 == first.top1
+    assert read_result(runner.planner.prepare(spec).paths["dtd"]).top1 == first.top1
 
 
 def test_imported_splits_never_replace_the_local_draw(lab, capsys):
@@ -350,12 +351,12 @@ def test_full_disk_in_a_sweep_is_a_failed_run_not_an_abort(lab, capsys, monkeypa
 
 
 def test_write_failure_is_one_line(lab, capsys, monkeypatch):
-    import fsbench.engine as engine
+    import fsbench.record as record
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine, "write_result", boom)
+    monkeypatch.setattr(record, "write_result", boom)
     code, err = dtd_run(capsys)
     assert code == 5 and "No space left on device" in err
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from fsbench.config import BenchConfig
-from fsbench.engine import Runner, RunSpec, Track
+from fsbench.engine import Runner, Track
+from fsbench.spec import RunSpec
 from fsbench.sweep.summary import Outcome, Tally
 
 

@@ -50,14 +50,14 @@ def order_runs(specs: list[RunSpec]) -> list[RunSpec]:
     return sorted(unique, key=lambda s: (backbones[s.backbone], datasets[s.dataset]))
 
 
-def build_plan(runner: Resolver, specs: list[RunSpec], force: bool = False, retry_failed: bool = False,
+def build_plan(planner: Resolver, specs: list[RunSpec], force: bool = False, retry_failed: bool = False,
                replace_changed: bool = False) -> Plan:
     """Split `specs` into to do / done / failed / conflicts by the identity of their stored results (the
     same decision `fsbench run` takes); every run's config, data and draw are resolved and validated here.
     `replace_changed` (`--retry changed`) puts the conflicts into to do, marked to replace their result."""
     plan = Plan()
     for spec in order_runs(specs):
-        decision = runner.decide(runner.prepare(spec), force)
+        decision = planner.decide(planner.prepare(spec), force)
         if decision.action == "reuse":
             plan.done.append(spec)
         elif decision.action == "conflict" and replace_changed:

@@ -18,9 +18,10 @@ from types import ModuleType
 from typing import Any
 
 from fsbench.config import BenchConfig, Sweep
-from fsbench.engine import Runner, RunSpec
+from fsbench.engine import Runner
 from fsbench.errors import ConfigError
 from fsbench.registry import load_plugin
+from fsbench.spec import RunSpec
 from fsbench.sweep.local import run_one
 from fsbench.sweep.plan import GroupKey, WorkQueue, group_key
 from fsbench.sweep.summary import Outcome, Tally

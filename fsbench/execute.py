@@ -1,0 +1,268 @@
+"""The executor: fit a method on a prepared episode and score every evaluation set.
+
+One of the runner's three parts (`fsbench.resolve` plans, this module executes, `fsbench.record`
+records). It keeps the last backbone and the feature cache alive, so consecutive runs on the same
+(backbone, dataset) pay for loading and encoding once; evaluation sets index into whole test splits,
+so every protocol shares the cached test features. It reads datasets through the planner's loader
+and writes nothing but caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from fsbench import identity
+from fsbench.backbones import Backbone, BackboneSpec, build_backbone
+from fsbench.config import BenchConfig
+from fsbench.data import DatasetSplits
+from fsbench.data.base import Item
+from fsbench.device import amp_dtype, autocast, peak_memory, resolve_device
+from fsbench.errors import DataError, RunFailed
+from fsbench.features import FeatureCache
+from fsbench.images import bad_images_error, image_loader, scan_images
+from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
+from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol, test_time_mode
+from fsbench.resolve import Prepared
+from fsbench.results import Result
+from fsbench.spec import RunSpec
+from fsbench.splits import FewShotSplit
+
+Track = Callable[[Iterable, int, str], Iterable]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent, exact (integer count of hits over the number of samples)."""
+    if len(labels) == 0:
+        return float("nan")
+    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
+    return 100.0 * hits / len(labels)
+
+
+def calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Expected calibration error (15 bins, percent) of the softmax of `logits`."""
+    from fsbench.metrics import ece
+
+    if len(labels) == 0:
+        return None
+    conf, pred = logits.float().softmax(-1).max(-1)
+    return float(ece(conf.numpy(), (pred == labels).numpy(), 15))
+
+
+class Executor:
+    """Fits and scores prepared runs on one device; `dataset(name)` is the planner's dataset loader."""
+
+    def __init__(self, cfg: BenchConfig, track: Track, dataset: Callable[[str], DatasetSplits],
+                 save_adapter: Callable[[Method, Prepared], None] | None = None):
+        rt = cfg.runtime
+        self.cfg, self.track, self._data = cfg, track, dataset
+        self.save_adapter = save_adapter
+        self.device = resolve_device(rt.device)
+        self.workers = None if rt.workers < 0 else rt.workers
+        self.features = FeatureCache(rt.cache_dir, self.device, rt.eval_batch_size, self.workers)
+        self._backbone: tuple[BackboneSpec, Backbone] | None = None
+
+    def backbone(self, spec: RunSpec) -> Backbone:
+        bspec = BackboneSpec(spec.backbone, spec.pretrained or None, spec.checkpoint or None)
+        if self._backbone is None or self._backbone[0] != bspec:
+            self._backbone = None  # free the previous model before building the next
+            self._backbone = (bspec, build_backbone(bspec, self.device))
+        return self._backbone[1]
+
+    # ---- fit once, score every evaluation set ---------------------------------------------------------
+    def execute(self, prep: Prepared, results: dict[str, Result]) -> None:
+        """Fit `prep`'s method on its episode and fill each target's result with its metrics and cost."""
+        spec, episode = prep.spec, prep.episode
+        source = self._data(episode.source)
+        self.check_free_space()
+        if (prep.cls.eval_input or prep.cls.input_kind) == "images":  # an unreadable test image: before training
+            self.scan_once([it for t in episode.results for ev in t.evals
+                             for it in self._eval_items(ev)], source.image_root)
+        backbone = self.backbone(spec)
+        torch.manual_seed(spec.seed)  # dropout and other module-level randomness
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        features = FeatureSource(self.features, backbone, source, self._progress("encode"))
+        ctx = Context(backbone, episode.classes, self.device, spec.seed, spec.shots, amp_dtype(self.device),
+                      self.workers, self.track, features)
+        method = prep.cls(prep.config, ctx)
+        train, val = self.fewshot(prep.cls, backbone, source, episode)
+        start = time.perf_counter()
+        method.fit(train, val)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_seconds = time.perf_counter() - start
+        if self.save_adapter is not None:  # what the method learned, before it sees test data
+            self.save_adapter(method, prep)
+        for target in episode.results:
+            r = results[target.dataset]
+            r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
+            r.train_seconds = train_seconds
+            self._evaluate(method, backbone, prep, target, r)
+            r.peak_memory_bytes = peak_memory(self.device)
+            r.trainable_params = method.trainable_params()
+            r.inference_overhead = method.inference_overhead()
+            if "skipped_images" in source.extra:
+                r.extra["skipped_images"] = len(source.extra["skipped_images"])
+
+    def _evaluate(self, method: Method, backbone: Backbone, prep: Prepared, target: Target, result: Result) -> None:
+        """Score every evaluation set of `target` and turn the accuracies into the protocol's metrics."""
+        accs: dict[str, float | None] = {}
+        ece_of: dict[str, float | None] = {}
+        start = time.perf_counter()
+        n = 0
+        mode = test_time_mode(prep.protocol, method.test_time)
+        if mode != "none":
+            result.extra["unlabelled_test_data"] = mode
+        for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
+            try:
+                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
+                                                  prep.protocol.online_batch)
+            except NotApplicable as exc:
+                accs[ev.metric] = None
+                result.not_applicable[ev.metric] = str(exc)
+                continue
+            if not torch.isfinite(logits).all():
+                raise RunFailed(f"non-finite logits on the {ev.dataset} test set")
+            accs[ev.metric] = accuracy(logits, labels)
+            ece_of[ev.metric] = calibration_error(logits, labels)
+            n += len(labels)
+        result.eval_seconds = time.perf_counter() - start
+        result.metrics = prep.protocol.metrics(accs)
+        for name in prep.protocol.metric_names:
+            if result.metrics.get(name) is None and name not in result.not_applicable and result.not_applicable:
+                result.not_applicable[name] = "needs " + ", ".join(sorted(result.not_applicable))
+        headline = prep.protocol.headline
+        # ECE of the headline set, else of the first set scored (base2new: base); per set when several
+        result.metrics["ece"] = ece_of.get(headline, next(iter(ece_of.values()), None))
+        if len(target.evals) > 1:
+            result.metrics.update({f"ece_{k}": v for k, v in ece_of.items()})
+        result.top1 = result.metrics.get(headline)
+        result.n_test = n
+
+    def _eval_items(self, ev: EvalSet) -> list[Item]:
+        test = self._data(ev.dataset).test
+        return [test[i] for i in ev.positions]
+
+    def fewshot(self, cls: type[Method], backbone: Backbone, data: DatasetSplits,
+                episode: Episode | FewShotSplit) -> tuple[FewShotData, FewShotData]:
+        """The episode's train and val sets (labels = class indices in the fitted class set), with cached
+        features for feature methods. A bare `FewShotSplit` means its few-shot episode (all classes)."""
+        if isinstance(episode, FewShotSplit):
+            episode = make_protocol("fewshot").episode(data, episode, {})
+        out = []
+        for name, index, targets in ((episode.train_split, episode.train, episode.train_targets),
+                                     (episode.val_split, episode.val, episode.val_targets)):
+            items = [Item(data.split(name)[i].path, t) for i, t in zip(index, targets, strict=True)]
+            labels = torch.tensor(list(targets), dtype=torch.long)
+            feats = None
+            if cls.input_kind == "features":
+                feats = self.features.split(backbone, data, name, index, self._progress(f"encode {name}")).x
+            out.append(FewShotData(items, labels, data.image_root, feats, tuple(index), name))
+        return out[0], out[1]
+
+    def eval_logits(self, method: Method, backbone: Backbone, fitted: ClassSet, ev: EvalSet,
+                    mode: str = "none", online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of `ev`'s test images over `ev.classes`: a subset of the fitted classes selects rows;
+        other classes retarget the method (which may raise `NotApplicable`). Under a test-time `mode`
+        ("online", "transductive") a fresh copy of the method scores the set (see `test_logits`)."""
+        rows = ev.classes.rows_in(fitted)
+        want = fitted if rows is not None else ev.classes
+        if method.ctx.classes != want:
+            previous, method.ctx.classes = method.ctx.classes, want
+            try:
+                with torch.no_grad():
+                    method.retarget()
+            except NotApplicable:
+                method.ctx.classes = previous
+                raise
+        scorer = method.fresh() if mode != "none" else method  # no adaptation leaks from one set to the next
+        with torch.set_grad_enabled(mode != "none"):  # a test-time method may take gradient steps
+            logits, _ = self.test_logits(scorer, backbone, self._data(ev.dataset), ev.positions, mode, online_batch)
+        if rows is not None and rows != list(range(len(fitted))):
+            logits = logits[:, rows]
+        return logits, torch.tensor(ev.targets, dtype=torch.long)
+
+    def test_logits(self, method: Method, backbone: Backbone, data: DatasetSplits,
+                    positions: tuple[int, ...] | None = None, mode: str = "none",
+                    online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits on test images (default: the whole split, in `positions` order): cached features, or images
+        through the method. `mode` "online" hands the method one batch of `online_batch` unlabelled inputs at a
+        time (`Method.online_logits`), "transductive" the whole set (`Method.transductive_logits`); the labels
+        are returned to the runner only, never shown to the method."""
+        bs = online_batch if mode == "online" else self.cfg.runtime.eval_batch_size
+        score = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
+        if (method.eval_input or method.input_kind) == "features":
+            tag, encode = method.eval_encoder or ("", None)
+            with torch.no_grad():
+                feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
+                                            encode=encode, progress=self._progress("encode test"))
+            if mode == "transductive":
+                return score(feats.x.to(self.device)).detach().float().cpu(), feats.y
+            chunks = [score(feats.x[i:i + bs].to(self.device)).detach().float().cpu()
+                      for i in range(0, len(feats.y), bs)]
+            return _cat(chunks), feats.y
+        items = data.test if positions is None else [data.test[i] for i in positions]
+        bs = len(items) if mode == "transductive" else bs
+        loader = image_loader(items, data.image_root, backbone.preprocess, max(1, bs), self.device,
+                              workers=self.workers)
+        chunks, labels = [], []
+        for images, y in self.track(loader, len(loader), "evaluate"):
+            with autocast(self.device):
+                chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
+            labels.append(y)
+        return _cat(chunks), _cat(labels)
+
+    # ---- failures ----------------------------------------------------------------------------------
+    def scan_once(self, items: list[Item], root: Path) -> None:
+        """Decode `items` once per content (the scan is cached by their digest) and name every bad file."""
+        key = identity.items_digest(root, items)
+        mark = Path(self.cfg.runtime.cache_dir) / "image_scan" / f"ok-{key}"
+        if mark.is_file():
+            return
+        bad = scan_images(items, root, self.track, "check test images")
+        if bad:
+            raise bad_images_error(sorted({it.path for it in bad}), root)
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        except OSError:
+            pass
+
+    def check_free_space(self) -> None:
+        """Fail before training when the results or cache disk is (nearly) full."""
+        for folder, flag in ((self.cfg.runtime.results, "--results DIR"),
+                             (self.cfg.runtime.cache_dir, "--set runtime.cache_dir=DIR")):
+            path = Path(folder).absolute()
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            free = shutil.disk_usage(existing).free
+            if free < MIN_FREE_BYTES:
+                raise RunFailed(f"only {free // 1024} KiB free under {existing}; free some space or choose "
+                                f"another folder with {flag}")
+
+    def bad_images(self, prep: Prepared) -> DataError:
+        """One error naming every unreadable file the run reads: its few-shot images and its test sets."""
+        data = self._data(prep.episode.source)
+        ep = prep.episode
+        items = [data.split(ep.train_split)[i] for i in ep.train] + [data.split(ep.val_split)[i] for i in ep.val]
+        bad = scan_images(items, data.image_root, self.track, "find unreadable images")
+        for t in prep.episode.results:
+            for ev in t.evals:
+                ev_data = self._data(ev.dataset)
+                bad += scan_images(self._eval_items(ev), ev_data.image_root, self.track, "find unreadable images")
+        return bad_images_error(sorted({it.path for it in bad}), data.image_root)
+
+    def _progress(self, desc: str) -> Callable:
+        return lambda it, total: self.track(it, total, desc)
+
+
+MIN_FREE_BYTES = 16 * 1024 * 1024  # a result is KBs, a cache shard MBs: below this a run would fail to record
+
+
+def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(chunks) if chunks else torch.zeros(0)
