@@ -41,7 +41,7 @@ from fsbench.io import ensure_writable, remove_stale_temp  # noqa: F401 (re-expo
 from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
 from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol
 from fsbench.resolve import Decision, Prepared, Resolver, ResultConflict  # noqa: F401 (re-exported)
-from fsbench.results import Result, read_result, write_result
+from fsbench.results import Result, cell_lock, file_fingerprint, read_result, write_result
 from fsbench.spec import PROTOCOL_VERSION, RunSpec, config_hash  # noqa: F401 (re-exported)
 from fsbench.splits import (
     FewShotSplit,
@@ -162,12 +162,14 @@ class Runner(Resolver):
         """Write `result`, unless it failed and a finished result is stored there: a failed run never
         destroys a number, not even under --force (the failure is reported, the old result kept)."""
         path = prep.paths[result.dataset]
-        old = read_result(path) if path.is_file() else None
-        if result.status != "ok" and old is not None and old.status == "ok":
-            result.extra["not_written"] = f"a finished result is kept at {path}"
-            return result
         try:
-            write_result(self.cfg.runtime.results, result)
+            with cell_lock(path):  # another run of this cell checks and renames after us, never in between
+                old = read_result(path) if path.is_file() else None
+                if result.status != "ok" and old is not None and old.status == "ok":
+                    result.extra["not_written"] = f"a finished result is kept at {path}"
+                    return result
+                _check_meanwhile(prep, result, path, old)
+                write_result(self.cfg.runtime.results, result)
         except OSError as exc:
             raise RunFailed(f"cannot write the result to {path} ({exc.strerror or exc}); free space or choose "
                             "another folder with --results DIR") from None
@@ -202,6 +204,9 @@ class Runner(Resolver):
                         source_dataset=prep.episode.source if protocol.source_result else None,
                         identity=prep.identities[target.dataset], identity_hash=prep.identity_hash(target.dataset))
         result.split_checksum = prep.split.checksum(self._data(prep.episode.source))
+        source = identity.source_digest(cls)
+        if source:  # a plug-in: which code made the number
+            result.extra["method_source"] = f"sha256:{source}"
         if spec.label:
             result.extra["base_method"] = cls.name
         return result
@@ -344,7 +349,7 @@ class Runner(Resolver):
             return
         bad = scan_images(items, root, self.track, "check test images")
         if bad:
-            raise bad_images_error(sorted({it.path for it in bad}), root)
+            raise bad_images_error(sorted({it.path for it in bad}), root, self.cfg.runtime.skip_bad_images)
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.touch()
@@ -371,13 +376,26 @@ class Runner(Resolver):
             for ev in t.evals:
                 ev_data = self._data(ev.dataset)
                 bad += scan_images(self._eval_items(ev), ev_data.image_root, self.track, "find unreadable images")
-        return bad_images_error(sorted({it.path for it in bad}), data.image_root)
+        return bad_images_error(sorted({it.path for it in bad}), data.image_root, self.cfg.runtime.skip_bad_images)
 
     def _progress(self, desc: str) -> Callable:
         return lambda it, total: self.track(it, total, desc)
 
 
 MIN_FREE_BYTES = 16 * 1024 * 1024  # a result is KBs, a cache shard MBs: below this a run would fail to record
+
+
+def _check_meanwhile(prep: Prepared, result: Result, path: Path, old: Result | None) -> None:
+    """Refuse to replace a finished result another run wrote after this one decided to run (two runs of one
+    cell started together): one line, the other run's result kept."""
+    if file_fingerprint(path) == prep.seen.get(result.dataset, file_fingerprint(path)):
+        return  # what this run saw when it decided (or nothing was recorded: a direct call)
+    if old is None or old.status != "ok" or old.identity_hash == result.identity_hash:
+        return  # nothing finished in the way, or the same run
+    what = identity.describe_change(old.identity or None, result.identity)
+    raise ResultConflict(f"{path} was written by another run meanwhile ({what} differ); this run's result "
+                         f"(top1 {_fmt(result.top1)}) was not written: run it again with --results DIR to keep "
+                         "both, or with --force to replace that one")
 
 
 def _now() -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
+from fsbench.errors import DataError
 from fsbench.registry import Registry
 
 
@@ -193,6 +194,9 @@ class BaseToNew(Protocol):
     def episode(self, source, train, val, targets):
         everything = class_set(source)
         base, new = base_new_labels(len(everything))
+        if len(new) < 2:  # a one-class half scores 100 whatever the method does
+            raise DataError(f"{source.name}: base-to-new needs at least 2 classes in each half; its "
+                            f"{len(everything)} classes give {len(base)} base and {len(new)} new")
         keep = {c: i for i, c in enumerate(base)}
         train = tuple(i for i in train if source.train[i].label in keep)
         val = tuple(i for i in val if source.val[i].label in keep)

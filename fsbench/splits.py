@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsbench.data.base import DatasetSplits, Item
-from fsbench.errors import ConfigError, DataError
+from fsbench.errors import ConfigError, DataError, RunFailed
 from fsbench.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -166,19 +166,23 @@ class SplitStore:
         return self.root / dataset / f"shots{shots}_seed{seed}{val}{'_repeat' if self.repeat else ''}.json"
 
     def get(self, data: DatasetSplits, shots: int, seed: int, val_shots: int | None = None) -> FewShotSplit:
-        """The persisted draw if it is still valid, else a fresh draw that is then persisted."""
+        """The draw of (dataset, K, seed), persisted. A persisted draw is compared with a fresh one (drawing is
+        cheap): another seed's draw copied in place, with a valid checksum of its own, is drawn again."""
         path = self.path(data.name, shots, seed, val_shots)
+        fresh = draw_split(data, shots, seed, self.repeat, val_shots)
         if path.is_file():
             split = self._load(path, data)
-            if split is not None:
+            if split is not None and (split.train, split.val) == (fresh.train, fresh.val):
                 return split
-            log.warning("few-shot split file %s is corrupt, edited or stale; drawing the split again", path)
-            if self.persist:
-                path.unlink(missing_ok=True)
-        split = draw_split(data, shots, seed, self.repeat, val_shots)
+            log.warning("few-shot split file %s is corrupt, edited, stale or another draw's; drawing the split "
+                        "again", path)
         if self.persist:
-            atomic_write_json(path, {**split_to_json(split, data), "lists": _lists(data), "repeat": self.repeat})
-        return split
+            try:
+                atomic_write_json(path, {**split_to_json(fresh, data), "lists": _lists(data), "repeat": self.repeat})
+            except OSError as exc:
+                raise RunFailed(f"cannot write the few-shot draw to {path} ({exc.strerror or exc}); free space or "
+                                "choose another cache folder with --set runtime.cache_dir=DIR") from None
+        return fresh
 
     def _load(self, path: Path, data: DatasetSplits) -> FewShotSplit | None:
         try:

@@ -116,7 +116,7 @@ def _protocol(spec) -> str:
 
 def _validate_names(specs) -> None:
     """Fail fast on unknown names, before any model is built."""
-    from fsbench.backbones import resolve_factory
+    from fsbench.backbones import check_weights, resolve_factory
     from fsbench.data import DATASETS
     from fsbench.method import METHODS
     from fsbench.protocols import PROTOCOLS
@@ -129,3 +129,5 @@ def _validate_names(specs) -> None:
         DATASETS.get(name)
     for name in {s.backbone for s in specs}:
         resolve_factory(name)
+    for backbone, pretrained, checkpoint in {(s.backbone, s.pretrained, s.checkpoint) for s in specs}:
+        check_weights(backbone, pretrained, checkpoint)
