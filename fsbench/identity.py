@@ -13,7 +13,7 @@ A run's identity is a dict of named components, each a short digest:
 - `fewshot`: the draw itself (paths and labels of the chosen images) and each chosen file's content;
 - `eval:<dataset>`: every evaluated test image's path, label and content;
 - `flags`: the data flags (`allow_repeat`, `skip_bad_images`);
-- `files`: how file contents are stamped ("sha256"; identities without it, fsbench < 0.3, stamped size and
+- `files`: how file contents are stamped ("sha256"; identities written before it stamped size and
   mtime and are verified that way: `legacy=True`).
 
 A file's content digest comes from a stat index, as git's index does: the SHA-256 is computed once per
@@ -39,7 +39,7 @@ from typing import Any
 from fsbench.data.base import DatasetSplits, Item
 
 Stat = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device: what git's index compares
-FILES = "sha256"  # the "files" component: file stamps are content digests (absent: size + mtime, fsbench < 0.3)
+FILES = "sha256"  # the "files" component: file stamps are content digests (absent in older identities: size + mtime)
 _INDEX: dict[str, tuple[Stat, str]] = {}  # absolute path -> (stat when hashed, SHA-256 prefix)
 _INDEX_LOCK = threading.Lock()
 _DIRTY: set[str] = set()  # index entries not yet written to a cache folder's index file
@@ -176,7 +176,7 @@ def _legacy_stamp(root: Path, item: Item) -> tuple[int, int]:
 
 def items_digest(root: Path, items: Iterable[Item], with_files: bool = True, legacy: bool = False) -> str:
     """Digest of items' paths and labels, and (with_files) each file's content digest (`legacy`: its size
-    and modification time, as identities of fsbench < 0.3 were computed; only to verify those)."""
+    and modification time, as identities without a "files" component were computed; only to verify those)."""
     h = hashlib.sha256()
     for it in items:
         if not with_files:

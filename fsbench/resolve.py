@@ -155,8 +155,8 @@ class Resolver:
         }
 
     def _legacy_identity(self, prep: Prepared, target: str) -> dict[str, str]:
-        """`target`'s identity as fsbench < 0.3 computed it (files stamped by size and mtime), to verify a
-        result stored then: verified, it is reused and its identity rewritten in today's form."""
+        """`target`'s identity as it was computed before content stamps (files stamped by size and mtime),
+        to verify a result stored then: verified, it is reused and its identity rewritten in today's form."""
         source = self._data(prep.episode.source)
         drawn = [source.train[i] for i in prep.split.train] + [source.val[i] for i in prep.split.val]
         old = {k: v for k, v in prep.identities[target].items() if k != "files"}
@@ -213,7 +213,7 @@ class Resolver:
         return Decision("run", stored)
 
     def _legacy_same(self, prep: Prepared, target: str, stored: Result) -> bool:
-        """A result of fsbench < 0.3 (no "files" component) whose identity, computed as it was then, is ours."""
+        """A result of before content stamps (no "files" component) whose identity, computed as it was then, is ours."""
         if not stored.identity or "files" in stored.identity or stored.identity_hash == prep.identity_hash(target):
             return False
         return stored.identity_hash == identity.identity_hash(self._legacy_identity(prep, target))

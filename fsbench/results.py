@@ -227,7 +227,7 @@ PER_SEED = ("fewshot",)  # identity components that differ from seed to seed by 
 
 def _seedless(identity: Any) -> tuple[str, str]:
     """(the non-file components, the file components) of an identity without its per-seed ones, each as a
-    digest; the file components are "" for identities of fsbench < 0.3 (stamped by size and mtime, so not
+    digest; the file components are "" for identities of before content stamps (stamped by size and mtime, so not
     comparable with today's content digests)."""
     ident = identity if isinstance(identity, dict) else {}
     files = {k: v for k, v in ident.items() if k.startswith("eval:")}

@@ -241,7 +241,7 @@ def test_report_keeps_seeds_of_one_identity_together(tmp_path, older):
     first = _result()
     second = _result(seed=2, top1=11.0, metrics={"top1": 11.0})
     second["identity"] = {**first["identity"], "fewshot": "seed-2-draw"}  # only the draw is per seed
-    if older:  # fsbench < 0.3 stamped files by size and mtime: not comparable, not a reason to split
+    if older:  # before content stamps stamped files by size and mtime: not comparable, not a reason to split
         second["identity"] = {**second["identity"], "eval:dtd/top1": "stat-stamp"}
         del second["identity"]["files"]
     _write(tmp_path / "a/shots1_seed1.json", first)
@@ -491,3 +491,60 @@ def test_data_check_reports_duplicated_train_entries(lab, capsys):
     main(["data", "check", "dtd", "--root", "data"])
     out = capsys.readouterr()
     assert "listed more than once" in out.out + out.err
+
+
+# ---- results stamped by size and mtime (before content stamps) keep their number --------------------------
+
+def test_result_stamped_by_size_and_mtime_is_verified_and_upgraded(lab, capsys, make_runner):
+    from fsbench import identity
+    from fsbench.engine import RunSpec
+
+    assert dtd_run(capsys)[0] == 0
+    path = lab / "results/runs/test-tiny/dtd/zero_shot/shots1_seed1.json"
+    runner = make_runner(lab)
+    runner.cfg.runtime.data_root, runner.cfg.runtime.results = "data", "results/runs"
+    prep = runner.prepare(RunSpec("zero_shot", "test-tiny", "dtd", 1, 1))
+    old = runner._legacy_identity(prep, "dtd")
+    assert "files" not in old and old["fewshot"] != prep.identities["dtd"]["fewshot"]
+    doc = json.loads(path.read_text())
+    doc["identity"], doc["identity_hash"] = old, identity.identity_hash(old)
+    path.write_text(json.dumps(doc))
+    code, err = dtd_run(capsys)
+    assert code == 0, err  # verified by its old stamps: reused, not re-run
+    upgraded = stored(lab)
+    assert upgraded.created_at == doc["created_at"] and upgraded.identity.get("files") == "sha256"
+    write = test_images(lab)[0]
+    write.write_bytes(write.read_bytes() + b"\0")  # and a changed image is still seen
+    path.write_text(json.dumps(doc))
+    code, err = dtd_run(capsys)
+    assert code == 2 and "test images of dtd" in err
+
+
+# ---- 12. a mistyped name answers before torch is imported ---------------------------------------------------
+
+def test_catalog_matches_the_registries():
+    """`fsbench/catalog_index.py` is what the live registries hold (regenerate: `python -m fsbench.catalog`)."""
+    from fsbench.catalog import build, index
+
+    assert build() == index()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "-m", "tipadapter", "-b", "test-tiny", "-d", "dtd"], "did you mean 'tip_adapter'"),
+    (["run", "-m", "zero_shot", "-b", "test-tiyn", "-d", "dtd"], "did you mean 'test-tiny'"),
+    (["run", "-m", "zero_shot", "-b", "test-tiny", "-d", "dtdd"], "did you mean 'dtd'"),
+    (["run", "-m", "zero_shot", "-b", "test-tiny", "-d", "dtd", "-p", "base2nwe"], "did you mean 'base2new'"),
+    (["ls", "methods"], ""),
+])
+def test_mistyped_names_answer_without_torch(tmp_path, args, words):
+    import subprocess
+    import sys
+
+    code = ("import sys; from fsbench.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'open_clip', 'numpy') if m in sys.modules]; "
+            "print('heavy:', heavy, file=sys.stderr); sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert "heavy: []" in out.stderr, out.stderr
+    assert (out.returncode == 2 and words in out.stderr) if words else out.returncode == 0

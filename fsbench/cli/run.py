@@ -33,6 +33,10 @@ def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrai
                               "to use the study's list from bench.toml)")
     if any(k < 1 for k in shots or []):
         raise ConfigError(f"--shots must be >= 1, got {min(shots)}")
+    from fsbench.catalog import check_names  # a mistyped name answers before torch is imported
+
+    check_names(methods or study.methods, backbones or study.backbones, datasets or study.datasets,
+                protocols or study.protocols)
     grid = itertools.product(protocols or study.protocols, methods or study.methods, backbones or study.backbones,
                              [DATASETS.canonical(d) for d in datasets or study.datasets],
                              shots or study.shots, seeds or study.seeds)
