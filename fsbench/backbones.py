@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from fsbench.attention import attention_layers, split_attention
-from fsbench.errors import UnknownNameError, WeightsError
+from fsbench.errors import ConfigError, UnknownNameError, WeightsError
 from fsbench.registry import Registry
 from fsbench.text import PromptLayout, TextPooling, prompt_layout, text_pooling, text_tower
 from fsbench.tokenizers import load_tokenizer, quiet_hub
@@ -161,11 +162,14 @@ class BackboneSpec:
         return model, tag
 
     def cache_key(self) -> str:
-        """Identity of the weights, for feature caches: changes whenever the weights do."""
+        """Identity of the weights, for feature caches: changes whenever the weights do. A checkpoint is
+        keyed by its content (the SHA-256 the result identity has, computed once per file stat), never by
+        its path, size and mtime, which `cp -p`, `rsync -a` or tar keep for other weights."""
+        from fsbench.identity import file_digest
+
         model, tag = self.resolved()
         if self.checkpoint:
-            p = Path(self.checkpoint)
-            tag = f"file:{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            tag = f"file:sha256:{file_digest(self.checkpoint)}"
         if tag == "none":
             tag = f"random-seed{self.seed}"
         return f"{model}|{tag}"
@@ -235,9 +239,40 @@ def _test_tiny(spec: BackboneSpec) -> nn.Module:
         try:
             open_clip.load_checkpoint(model, spec.checkpoint)
         except Exception as exc:  # wrong keys/shapes or not a checkpoint at all
-            raise WeightsError(f"cannot load {spec.checkpoint} into {spec.name}: "
-                               f"{str(exc).strip().splitlines()[0][:200]}") from None
+            raise _load_failure(spec, exc) from None
     return model
+
+
+def _load_failure(spec: BackboneSpec, exc: Exception) -> WeightsError:
+    """Why a checkpoint file did not load, in words: not a checkpoint at all, or not one of this model."""
+    path = str(spec.checkpoint)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        looks = zipfile.is_zipfile(path) or head[:1] == b"\x80" or head[8:9] == b"{"  # torch.save, pickle, safetensors
+    except OSError:
+        looks = False
+    if not looks:
+        return WeightsError(f"{path} is not a checkpoint (a state dict saved with torch.save, an OpenAI .pt "
+                            "or a .safetensors file was expected)")
+    return WeightsError(f"cannot load {path} into {spec.name}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+
+
+def check_weights(name: str, pretrained: str, checkpoint: str) -> None:
+    """Usage errors of the weights flags, before anything is built or fetched (ConfigError, exit 2): both
+    --pretrained and --checkpoint, or a --pretrained tag open_clip does not know for this model."""
+    if pretrained and checkpoint:
+        raise ConfigError("give either --pretrained or --checkpoint, not both")
+    if not pretrained or pretrained == "none" or pretrained.startswith("hf-hub:") or Path(pretrained).is_file():
+        return
+    model, _ = BackboneSpec(name).resolved()
+    known = ["none"] + ([] if name.lower() in BACKBONES else open_clip.list_pretrained_tags_by_model(model))
+    if pretrained not in known:
+        import difflib
+
+        close = difflib.get_close_matches(pretrained, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown --pretrained tag {pretrained!r} for {name}{hint} (known: {', '.join(known)})")
 
 
 def _check_file(path: str) -> None:
@@ -264,6 +299,8 @@ def _open_clip_model(spec: BackboneSpec) -> nn.Module:
         with quiet_hub():
             return open_clip.create_model(model_name, pretrained=source, force_quick_gelu=quick_gelu)
     except Exception as exc:  # network errors come in many types (urllib, requests, hf_hub)
+        if spec.checkpoint:
+            raise _load_failure(spec, exc) from None
         reason = (str(exc).strip() or type(exc).__name__).split(". ")[0][:160]
         raise WeightsError(
             f"could not fetch weights for {model_name} (pretrained={tag!r}): {reason}. "

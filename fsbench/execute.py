@@ -227,7 +227,7 @@ class Executor:
             return
         bad = scan_images(items, root, self.track, "check test images")
         if bad:
-            raise bad_images_error(sorted({it.path for it in bad}), root)
+            raise bad_images_error(sorted({it.path for it in bad}), root, self.cfg.runtime.skip_bad_images)
         try:
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.touch()
@@ -255,7 +255,7 @@ class Executor:
             for ev in t.evals:
                 ev_data = self._data(ev.dataset)
                 bad += scan_images(self._eval_items(ev), ev_data.image_root, self.track, "find unreadable images")
-        return bad_images_error(sorted({it.path for it in bad}), data.image_root)
+        return bad_images_error(sorted({it.path for it in bad}), data.image_root, self.cfg.runtime.skip_bad_images)
 
     def _progress(self, desc: str) -> Callable:
         return lambda it, total: self.track(it, total, desc)

@@ -5,9 +5,12 @@ positions, features and labels. A request encodes only the positions not yet sto
 whole shots x seeds grid encodes the union of its few-shot subsets and the test split once,
 never the whole train split (1.28 M images on ImageNet). The key holds everything that
 changes the features: backbone weights identity, dataset, split content fingerprint,
-transform, precision, cache version and a tag (e.g. Tip-Adapter's augmented views). Key and
-checksum are checked on load; shards are written atomically, so a crash or a concurrent
-writer never leaves a partial file, and a corrupt shard is re-encoded, never used.
+transform, precision, cache version and a tag (e.g. Tip-Adapter's augmented views). Each row
+stores the content digest of the image file it was encoded from and is used only while the file
+has that content (git's index: the digest is re-computed whenever size, mtime, ctime, inode or
+device changed), so other bytes behind a kept size and mtime are re-encoded, and a `touch` or an
+identical copy is not. Key and checksum are checked on load; shards are written atomically, so a
+crash or a concurrent writer never leaves a partial file, and a corrupt shard is re-encoded, never used.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fsbench import identity
 from fsbench.backbones import Backbone
 from fsbench.data.base import DatasetSplits, Item
 from fsbench.device import autocast, precision_name
 from fsbench.images import image_loader
 from fsbench.io import atomic_write
 
-CACHE_VERSION = 3  # 3: each row stores its image file's (size, mtime) and is re-encoded when it changes
+# 3: each row stores its image file's (size, mtime); 4: its content digest, and the weights are keyed by content
+# (caches of version 3 are not read: their rows are encoded again)
+CACHE_VERSION = 4
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +51,8 @@ class Features:
 
 @dataclass
 class _Stored:
-    """The cached rows of one key: split positions (M,), features (M, ...), labels (M,), and the image
-    file's (size, mtime_ns) when it was encoded (M, 2): a row whose file changed since is not used."""
+    """The cached rows of one key: split positions (M,), features (M, ...), labels (M,), and the content
+    digest of the image file each row was encoded from (M,): a row whose file changed since is not used."""
 
     index: torch.Tensor
     x: torch.Tensor
@@ -55,15 +61,13 @@ class _Stored:
 
 
 def file_stamps(root: Path, items: Sequence[Item]) -> torch.Tensor:
-    """(N, 2) int64: each image file's size and modification time (-1, -1 if missing)."""
+    """(N,) int64: each image file's content digest (its first 60 bits; -1 if it is missing), through the
+    stat index of `fsbench.identity.content_digest` (a file is read only when its stat changed)."""
     out = []
     for it in items:
-        try:
-            st = os.stat(Path(root) / it.path)
-            out.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((-1, -1))
-    return torch.tensor(out, dtype=torch.long).view(-1, 2)
+        d = identity.content_digest(Path(root) / it.path)
+        out.append(-1 if d == "missing" else int(d[:15], 16))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _stats(paths: Iterable[Path]) -> dict[Path, os.stat_result]:
@@ -78,14 +82,13 @@ def _stats(paths: Iterable[Path]) -> dict[Path, os.stat_result]:
 
 
 def _first_occurrence(stored: _Stored) -> torch.Tensor:
-    """Rows to keep: the first of each (split position, file stamp); a file replaced since keeps both
+    """Rows to keep: the first of each (split position, content digest); a file replaced since keeps both
     versions apart (only the one matching the file now is ever used)."""
-    seen: set[tuple[int, int, int]] = set()
-    keys = zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)
+    seen: set[tuple[int, int]] = set()
     keep = []
-    for r, (p, (size, mtime)) in enumerate(keys):
-        if (p, size, mtime) not in seen:
-            seen.add((p, size, mtime))
+    for r, key in enumerate(zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)):
+        if key not in seen:
+            seen.add(key)
             keep.append(r)
     return torch.tensor(keep, dtype=torch.long)
 
@@ -226,7 +229,8 @@ class FeatureCache:
         stored = self.load(key)
         wanted = sorted(set(index))
         stamps_now = file_stamps(data.image_root, [items[p] for p in wanted]).tolist()
-        now = {p: tuple(s) for p, s in zip(wanted, stamps_now, strict=True)}
+        identity.save_index(Path(self.root).parent)  # digests learned here are not computed again
+        now = dict(zip(wanted, stamps_now, strict=True))
         row = {} if stored is None else _valid_rows(stored, now)
         missing = [p for p in wanted if p not in row]
         if missing:
@@ -236,7 +240,7 @@ class FeatureCache:
                                 encode=encode)
             self.encodes += 1
             self.encoded_images += new.x.shape[0] * getattr(transform, "views", 1)
-            stamps = torch.tensor([now[p] for p in missing], dtype=torch.long).view(-1, 2)
+            stamps = torch.tensor([now[p] for p in missing], dtype=torch.long)
             offset = 0 if stored is None else len(stored.index)
             stored = self.store(key, _Stored(torch.tensor(missing, dtype=torch.long), new.x, new.y, stamps), stored)
             row.update({p: offset + j for j, p in enumerate(missing)})
@@ -246,11 +250,11 @@ class FeatureCache:
         return Features(stored.x[rows], stored.y[rows])
 
 
-def _valid_rows(stored: _Stored, now: dict[int, tuple[int, int]]) -> dict[int, int]:
-    """Split position -> stored row, for the rows whose image file is unchanged since it was encoded
-    (a file replaced in place gets a new row; the stale one is never used)."""
+def _valid_rows(stored: _Stored, now: dict[int, int]) -> dict[int, int]:
+    """Split position -> stored row, for the rows whose image file has the content it was encoded from
+    (a file replaced in place gets a new row; the stale one is never used, --force or not)."""
     out: dict[int, int] = {}
-    for r, (p, st) in enumerate(zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)):
-        if p in now and p not in out and tuple(st) == now[p]:
+    for r, (p, digest) in enumerate(zip(stored.index.tolist(), stored.stamp.tolist(), strict=True)):
+        if p in now and p not in out and digest == now[p] and digest != -1:
             out[p] = r
     return out

@@ -63,13 +63,16 @@ def scan_images(items: Sequence[Item], root: Path, track: Callable[[Iterable, in
         return bad
 
 
-def bad_images_error(bad: Sequence[str], root: Path) -> DataError:
-    """One line naming every unreadable file (the first MAX_LISTED, then a count)."""
+def bad_images_error(bad: Sequence[str], root: Path, skipping: bool = False) -> DataError:
+    """One line naming every unreadable file (the first MAX_LISTED, then a count); `skipping`: the user
+    passed --skip-bad-images already (the files broke while the run was going), so it is not advised."""
     more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     s = "" if len(bad) == 1 else "s"
     reason = f" (first: {BAD_REASONS[bad[0]]})" if bad and bad[0] in BAD_REASONS else ""
+    fix = ("they became unreadable after the scan of --skip-bad-images; replace or delete them and run again"
+           if skipping else "replace or delete them, or pass --skip-bad-images to leave them out")
     return DataError(f"{len(bad)} unreadable image{s} under {root}: {', '.join(bad[:MAX_LISTED])}{more}{reason}; "
-                     "replace or delete them, or pass --skip-bad-images to leave them out")
+                     + fix)
 
 
 def load_images(items: Sequence[Item], root: Path) -> list[Image.Image]:
@@ -86,23 +89,43 @@ def load_images(items: Sequence[Item], root: Path) -> list[Image.Image]:
     return images
 
 
+SCAN_VERSION = 2  # 2: one verdict per file, keyed by its content digest (1: one list per split lists)
+
+
 def drop_bad_images(data: DatasetSplits, cache_dir: str | Path,
                     track: Callable[[Iterable, int, str], Iterable] | None = None) -> DatasetSplits:
     """`data` without its undecodable files (listed in `extra["skipped_images"]`).
 
-    Every file is decoded once; the list of bad files is cached under `<cache_dir>/image_scan/`,
-    keyed by the image root and the splits' content, so later runs do not decode again.
+    Whether a file decodes is a property of its bytes: the verdicts are cached under
+    `<cache_dir>/image_scan/` by each file's content digest (`fsbench.identity.content_digest`, itself
+    re-computed whenever the file's size, mtime, ctime, inode or device changed), so a repaired image is
+    decoded again and kept, a newly broken one is decoded and skipped, and nothing is decoded twice.
     """
-    key = json.dumps([str(Path(data.image_root).resolve())] + [data.fingerprint(s) for s in ("train", "val", "test")])
-    path = Path(cache_dir) / "image_scan" / f"{data.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    from fsbench.identity import content_digest
+
+    items = data.train + data.val + data.test
+    digests = {it.path: content_digest(Path(data.image_root) / it.path) for it in items}
+    path = Path(cache_dir) / "image_scan" / f"{data.name}-{_root_key(data.image_root)}-v{SCAN_VERSION}.json"
     try:
-        bad = set(json.loads(path.read_text())["bad"])
+        verdicts = dict(json.loads(path.read_text())["verdicts"])
     except (OSError, ValueError, KeyError, TypeError):
-        items = data.train + data.val + data.test
-        bad = {it.path for it in scan_images(items, data.image_root, track, f"check images of {data.name}")}
-        atomic_write_json(path, {"key": key, "bad": sorted(bad)})
+        verdicts = {}
+    todo = [it for it in items if digests[it.path] not in verdicts]
+    if todo:
+        broken = {it.path for it in scan_images(todo, data.image_root, track, f"check images of {data.name}")}
+        verdicts.update({digests[it.path]: it.path in broken for it in todo})
+        verdicts.pop("missing", None)  # a missing file is looked for again next time
+        try:
+            atomic_write_json(path, {"version": SCAN_VERSION, "verdicts": verdicts})
+        except OSError:
+            pass  # decoded again next time
+    bad = {it.path for it in items if digests[it.path] == "missing" or verdicts[digests[it.path]]}
     keep = {s: [it for it in data.split(s) if it.path not in bad] for s in ("train", "val", "test")}
     return dataclasses.replace(data, **keep, extra={**data.extra, "skipped_images": sorted(bad)})
+
+
+def _root_key(root: Path) -> str:
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
 
 
 class ImageItems(Dataset):

@@ -173,6 +173,9 @@ class Method(ABC):
     input_kind: ClassVar[InputKind] = "features"
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Bumped (2, 3, ...) in a method's file whenever a change of its code changes its numbers: the version
+    # joins the result identity, so stored results of the old code are not reused (docs/results.md).
+    version: ClassVar[int] = 1
     # what `logits` receives at evaluation (None: as `input_kind`); "features" for methods that train on
     # images but keep the image tower frozen (CoOp family): the test split is then encoded once per backbone
     eval_input: ClassVar[InputKind | None] = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
+from fsbench.errors import DataError
 from fsbench.registry import Registry
 from fsbench.splits import FewShotSplit
 
@@ -218,6 +219,9 @@ class BaseToNew(Protocol):
     def episode(self, source, draw, targets):
         everything = class_set(source)
         base, new = base_new_labels(len(everything))
+        if len(new) < 2:  # a one-class half scores 100 whatever the method does
+            raise DataError(f"{source.name}: base-to-new needs at least 2 classes in each half; its "
+                            f"{len(everything)} classes give {len(base)} base and {len(new)} new")
         keep = {c: i for i, c in enumerate(base)}
         train_items, val_items = source.split(draw.train_split), source.split(draw.val_split)
         train = tuple(i for i in draw.train if train_items[i].label in keep)

@@ -7,12 +7,13 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from fsbench.errors import ConfigError, UnknownNameError
+from fsbench.errors import ConfigError, FsbenchError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -27,6 +28,7 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, entry_point_group: str | None = None, base: type | None = None):
+        _REGISTRIES.append(self)
         self.kind = kind
         self.entry_point_group = entry_point_group
         self.base = base
@@ -50,6 +52,10 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def forget_module(self, module: str) -> None:
+        """Drop what `module` registered (a plug-in file loaded again after it was edited)."""
+        self._items = {k: v for k, v in self._items.items() if getattr(v, "__module__", None) != module}
 
     def add_loader(self, loader: Callable[[], None]) -> None:
         """Run `loader` (which imports modules that register) before the first lookup."""
@@ -103,20 +109,44 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+_REGISTRIES: list[Registry] = []
+
+
 def load_plugin(path: str | Path) -> None:
-    """Import a user's Python file so that its `@register_method` decorators run."""
+    """Import a user's Python file so that its `@register_method` decorators run. A file edited since it was
+    loaded in this process is loaded again (its old registrations dropped); an error in it is one line,
+    `file:line: message` (ConfigError, exit 2)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"plugin file {path} does not exist")
+    source = path.read_bytes()
     name = f"fsbench_plugin_{path.stem}"
     loaded = sys.modules.get(name)
-    if loaded is not None and Path(loaded.__file__ or "").resolve() == path.resolve():
+    if loaded is not None and Path(loaded.__file__ or "").resolve() == path.resolve() \
+            and getattr(loaded, "__fsbench_source__", None) == source:
         return  # already loaded in this process: its methods are registered
+    if loaded is not None:
+        for registry in _REGISTRIES:
+            registry.forget_module(name)
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    module.__fsbench_source__ = source  # type: ignore[attr-defined]
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(spec.name, None)
+        raise ConfigError(f"{exc.filename or path}:{exc.lineno}: {exc.msg}") from None
+    except FsbenchError:
+        sys.modules.pop(spec.name, None)
+        raise
+    except Exception as exc:  # an error while the plug-in's own code runs: its innermost line in the file
+        sys.modules.pop(spec.name, None)
+        line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__))
+                     if Path(f.filename).resolve() == path.resolve()), "?")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}:{line}: {type(exc).__name__}: {first}") from None
 
 
 def import_all(package: str) -> None:

@@ -18,12 +18,12 @@ from typing import Any
 from fsbench import adapters, identity
 from fsbench.config import BenchConfig, method_config
 from fsbench.data import DATASETS, DatasetSplits, load_dataset
-from fsbench.errors import DataError, FsbenchError
+from fsbench.errors import ConfigError, DataError, FsbenchError
 from fsbench.images import drop_bad_images
 from fsbench.io import ensure_writable
 from fsbench.method import METHODS, Method
 from fsbench.protocols import Episode, Protocol, make_protocol
-from fsbench.results import Result, read_result, result_path
+from fsbench.results import Result, ResultFileError, file_fingerprint, read_result_strict, result_path, write_result
 from fsbench.samplers import get_sampler
 from fsbench.spec import PROTOCOL_VERSION, RunSpec
 from fsbench.splits import (
@@ -62,6 +62,7 @@ class Prepared:
     episode: Episode
     identities: dict[str, dict[str, str]]  # target dataset -> identity
     paths: dict[str, Path]  # target dataset -> result file
+    seen: dict[str, str | None] = dataclasses.field(default_factory=dict)  # target -> its file when decided
 
     def identity_hash(self, target: str) -> str:
         return identity.identity_hash(self.identities[target])
@@ -91,7 +92,9 @@ class Resolver:
         self.imported = read_splits_file(rt.splits) if rt.splits else {}
         self.track: Track = track or (lambda it, total, desc: it)
         self.splits = SplitStore(rt.cache_dir, repeat=rt.allow_repeat, persist=writable)
+        self.writable = writable
         self._datasets: dict[str, DatasetSplits] = {}
+        identity.load_index(rt.cache_dir)  # content digests of files seen before (git's index)
 
     # ---- 1. prepare: config, data, draw, episode, identity (no model) ----------------------------
     def dataset(self, name: str) -> DatasetSplits:
@@ -111,7 +114,9 @@ class Resolver:
 
     def protocol(self, spec: RunSpec) -> Protocol:
         study = self.cfg.study
-        return make_protocol(spec.protocol, study.cross_targets, study.dg_targets)
+        protocol = make_protocol(spec.protocol, study.cross_targets, study.dg_targets)
+        _check_targets(protocol.name, DATASETS.canonical(spec.dataset), study)
+        return protocol
 
     def prepare(self, spec: RunSpec) -> Prepared:
         """Resolve and validate everything a run depends on, and the identity of each result."""
@@ -132,6 +137,8 @@ class Resolver:
             paths[target.dataset] = result_path(self.cfg.runtime.results, spec.label or cls.name, spec.backbone,
                                                 target.dataset, spec.shots, spec.seed,
                                                 protocol.folder(source.name))
+        if self.writable:
+            identity.save_index(self.cfg.runtime.cache_dir)
         return Prepared(spec, cls, config, protocol, split, episode, identities, paths)
 
     def _data(self, name: str) -> DatasetSplits:
@@ -144,7 +151,7 @@ class Resolver:
         sampler = {} if split.sampler == "fsbench" else {"sampler": sampler_tag(split.sampler)}
         return {**sampler,
             "protocol": f"{protocol.name}/v{protocol.version}/sampling-v{PROTOCOL_VERSION}",
-            "method": identity.digest([cls.name, dataclasses.asdict(config)]),
+            "method": identity.method_identity(cls, dataclasses.asdict(config)),
             "weights": identity.weights_identity(spec.backbone, spec.pretrained, spec.checkpoint),
             "classes": identity.digest([episode.classes.names, episode.classes.templates,
                                         episode.classes.train_template]),
@@ -152,7 +159,22 @@ class Resolver:
             "val_list": identity.list_digest(source, "val"),
             "fewshot": identity.digest([split.checksum(source), identity.items_digest(source.image_root, drawn)]),
             "flags": identity.digest({"allow_repeat": rt.allow_repeat, "skip_bad_images": rt.skip_bad_images}),
+            "files": identity.FILES,
         }
+
+    def _legacy_identity(self, prep: Prepared, target: str) -> dict[str, str]:
+        """`target`'s identity as it was computed before content stamps (files stamped by size and mtime),
+        to verify a result stored then: verified, it is reused and its identity rewritten in today's form."""
+        source = self._data(prep.episode.source)
+        drawn = [source.train[i] for i in prep.split.train] + [source.val[i] for i in prep.split.val]
+        old = {k: v for k, v in prep.identities[target].items() if k != "files"}
+        old["fewshot"] = identity.digest([prep.split.checksum(source),
+                                          identity.items_digest(source.image_root, drawn, legacy=True)])
+        for t in prep.episode.results:
+            for ev in t.evals if t.dataset == target else ():
+                old[f"eval:{t.dataset}/{ev.metric}"] = identity.eval_digest(self._data(ev.dataset), ev.positions,
+                                                                             legacy=True)
+        return old
 
     def _split(self, data: DatasetSplits, spec: RunSpec, cls: type[Method]) -> FewShotSplit:
         """The imported split of (dataset, K, seed) if `--splits` was given, else the store's own draw.
@@ -170,23 +192,63 @@ class Resolver:
 
     # ---- 2. decide: reuse, run, or refuse ---------------------------------------------------------
     def decide(self, prep: Prepared, force: bool = False) -> Decision:
-        """Reuse when every stored result has the same identity; a finished result of another identity
-        is a conflict (kept unless --force); anything else runs."""
-        stored = {t: read_result(p) if p.is_file() else None for t, p in prep.paths.items()}
+        """Reuse when every stored result has the same identity; a finished result of another identity, or a
+        file that cannot be verified, is a conflict (kept unless --force); anything else runs."""
+        stored: dict[str, Result | None] = {}
+        unreadable: dict[str, str] = {}
+        for t, p in prep.paths.items():
+            prep.seen[t] = file_fingerprint(p)
+            try:
+                stored[t] = read_result_strict(p) if p.is_file() else None
+            except ResultFileError as exc:  # unknown fields, corrupt: never taken for "no result"
+                stored[t], unreadable[t] = None, str(exc)
         if force:
             return Decision("run", stored)
-        same = {t: r is not None and r.identity_hash == prep.identity_hash(t) for t, r in stored.items()}
+        for why in unreadable.values():
+            return Decision("conflict", stored, f"{why}: it cannot be verified, so it is kept; pass --force to "
+                                                "replace it, or --results DIR to keep both")
+        legacy = {t for t, r in stored.items() if r is not None and self._legacy_same(prep, t, r)}
+        same = {t: r is not None and (r.identity_hash == prep.identity_hash(t) or t in legacy)
+                for t, r in stored.items()}
         for t, r in stored.items():
             if r is not None and r.status == "ok" and not same[t]:
-                what = identity.describe_change(r.identity or None, prep.identities[t])
-                return Decision("conflict", stored, f"{prep.paths[t]} holds a finished result (top1 {_fmt(r.top1)}) "
-                                f"of a different run: {what} changed; pass --force to replace it, or --results DIR "
-                                "to keep both")
+                return Decision("conflict", stored, self._conflict(prep, t, r))
         if all(same.values()) and all(r.status == "ok" for r in stored.values()) and self._adapter_ok(prep):
+            self._upgrade(prep, {t: stored[t] for t in legacy})
             return Decision("reuse", stored)
         if all(same.values()):
             return Decision("failed" if any(r.status != "ok" for r in stored.values()) else "run", stored)
         return Decision("run", stored)
+
+    def _legacy_same(self, prep: Prepared, target: str, stored: Result) -> bool:
+        """A result of before content stamps (no "files" component) whose identity, computed as it was then, is ours."""
+        if not stored.identity or "files" in stored.identity or stored.identity_hash == prep.identity_hash(target):
+            return False
+        return stored.identity_hash == identity.identity_hash(self._legacy_identity(prep, target))
+
+    def _upgrade(self, prep: Prepared, verified: dict[str, Result | None]) -> None:
+        """Rewrite results verified by their old identity with today's (same number, same run)."""
+        for t, r in verified.items():
+            if r is None or not self.writable:
+                continue
+            r.identity, r.identity_hash = prep.identities[t], prep.identity_hash(t)
+            try:
+                write_result(self.cfg.runtime.results, r)
+                prep.seen[t] = file_fingerprint(prep.paths[t])
+            except OSError:
+                pass  # verified again next time
+
+    def _conflict(self, prep: Prepared, target: str, stored: Result) -> str:
+        """The one-line refusal to replace `stored`, saying why it is not the same run."""
+        head = f"{prep.paths[target]} holds a finished result (top1 {_fmt(stored.top1)})"
+        if not stored.identity:
+            why = "that predates result identities (fsbench < 0.2), so it cannot be verified"
+        elif identity.identity_hash(stored.identity) != stored.identity_hash:
+            why = "whose identity_hash does not match its identity (edited by hand?), so it cannot be verified"
+        else:
+            ours = prep.identities[target] if "files" in stored.identity else self._legacy_identity(prep, target)
+            why = f"of a different run: {identity.describe_change(stored.identity, ours)} changed"
+        return f"{head} {why}; pass --force to replace it, or --results DIR to keep both"
 
     def _adapter_ok(self, prep: Prepared) -> bool:
         """With `--save-adapter`, a result counts as done only if its adapter was saved by the same run."""
@@ -211,6 +273,26 @@ class Resolver:
         old = self.previous(spec)
         return old if old is not None and old.status == "ok" else None
 
+
+
+TARGET_LISTS = {"cross_dataset": "cross_targets", "domain_generalisation": "dg_targets"}
+
+
+def _check_targets(protocol: str, source: str, study: Any) -> None:
+    """A transfer protocol's target list: not empty, and naming the source only in the default list (the
+    paper's ten targets, used from any source); one-line ConfigError otherwise."""
+    name = TARGET_LISTS.get(protocol)
+    if name is None:
+        return
+    given = list(getattr(study, name))
+    if not given:
+        raise ConfigError(f"[study] {name} is empty: {protocol} needs at least one target dataset")
+    targets = [DATASETS.canonical(t) for t in given]
+    if source in targets and given != getattr(type(study)(), name):
+        raise ConfigError(f"[study] {name} lists the source dataset {source}; a target is a dataset the method "
+                          "was not fitted on: remove it")
+    if not [t for t in targets if t != source]:
+        raise ConfigError(f"[study] {name} has no dataset besides the source {source}")
 
 
 def _fmt(value: float | None) -> str:

@@ -7,8 +7,11 @@ only) still load: protocol "fewshot", metrics {"top1": top1}, identity unknown.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,33 @@ def write_result(results_dir: str | Path, result: Result) -> Path:
     return atomic_write_json(path_of(results_dir, result), asdict(result))
 
 
+def file_fingerprint(path: str | Path) -> str | None:
+    """SHA-256 of a result file's bytes (None when there is none): what a run saw when it decided."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def cell_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on one result cell (a hidden `.<name>.lock` beside it) while a run checks
+    what is stored and renames its result in place; no lock where the platform has none."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the check just before the rename still narrows the window to microseconds
+        yield
+        return
+    lock = Path(path).parent / f".{Path(path).name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class ResultFileError(ValueError):
     """A result file that cannot be read or parsed; the message names the file and why."""
 
@@ -137,13 +167,18 @@ def read_result(path: str | Path) -> Result | None:
 
 def scan_results(results_dir: str | Path) -> tuple[list[Result], list[str]]:
     """Every result under `results_dir` sorted by path, and one line for each file that could not be
-    used (unreadable, corrupt, unknown fields): nothing is dropped without a word."""
+    used (unreadable, corrupt, unknown fields) or holds no number: nothing is dropped without a word."""
     results, problems = [], []
     for path in sorted(Path(results_dir).rglob("shots*_seed*.json")):
         try:
-            results.append(read_result_strict(path))
+            result = read_result_strict(path)
         except ResultFileError as exc:
             problems.append(str(exc))
+            continue
+        results.append(result)
+        if result.status == "ok" and result.top1 is None and not result.not_applicable:
+            problems.append(f"{path}: status ok but no top1 (hand-edited or interrupted?); it is left out of "
+                            "the tables")
     return results, problems
 
 
@@ -187,25 +222,59 @@ def load_results(results_dir: str | Path, include_failed: bool = False, warn=Non
 
 
 CELL = ["protocol", "method", "backbone", "dataset", "source_dataset", "shots"]
+PER_SEED = ("fewshot",)  # identity components that differ from seed to seed by design (the draw)
+
+
+def _seedless(identity: Any) -> tuple[str, str]:
+    """(the non-file components, the file components) of an identity without its per-seed ones, each as a
+    digest; the file components are "" for identities of before content stamps (stamped by size and mtime, so not
+    comparable with today's content digests)."""
+    ident = identity if isinstance(identity, dict) else {}
+    files = {k: v for k, v in ident.items() if k.startswith("eval:")}
+    rest = {k: v for k, v in ident.items() if k not in PER_SEED and k not in files and k != "files"}
+    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]  # noqa: E731
+    return (digest(rest) if rest else ""), (digest(files) if files and "files" in ident else "")
+
+
+def _differs(group: Any) -> list[str]:
+    """What differs between the seeds of one cell, in words."""
+    from fsbench.identity import LABELS
+
+    words = []
+    if group["config_hash"].nunique() > 1 or group["schema_version"].nunique() > 1:
+        words.append("configs or schema versions")
+    idents = [i for i in group["identity"] if isinstance(i, dict) and i]
+    for key in sorted({k for i in idents for k in i} - set(PER_SEED) - {"files"}):
+        if len({i.get(key) for i in idents}) > 1 and (not key.startswith("eval:") or all("files" in i for i in idents)):
+            words.append(LABELS.get(key, f"test images of {key[5:].split('/')[0]}" if key.startswith("eval:") else key))
+    return list(dict.fromkeys(words))
 
 
 def separate_variants(df, warn=None):
-    """Never average across configs or schema versions: in a cell whose seeds were run with different
-    configs (`config_hash`) or schema versions, each variant's method is labelled `method [cfg <hash>]`
-    (one warning line per such cell), so tables keep them apart."""
+    """Never average across configs, schema versions or anything else a number depends on: in a cell whose
+    seeds were run with different configs (`config_hash`), schema versions or seed-independent identity
+    components (weights, protocol, lists, evaluation sets, flags, method code, classes: everything but the
+    draw), each variant's method is labelled `method [cfg <hash>]` (one warning line per such cell, saying
+    what differs), so tables keep them apart."""
     import pandas as pd
 
     if df.empty:
         return df
-    variant = pd.Series([f"{str(h or '')[:6]}/s{v}" for h, v in zip(df["config_hash"], df["schema_version"],
-                                                                   strict=True)], index=df.index)
+    seedless = [_seedless(i) for i in df["identity"]]
+    variant = pd.Series([f"{str(h or '')[:6]}/s{v}" + (f"/{a}{b}" if a else "") for h, v, (a, b) in
+                         zip(df["config_hash"], df["schema_version"], seedless, strict=True)], index=df.index)
     keys = pd.Series(["|".join("" if v is None or v != v else str(v) for v in row)
                       for row in df[CELL].itertuples(index=False)], index=df.index)
-    mixed = variant.groupby(keys).transform("nunique") > 1
+    rest = pd.Series([a for a, _ in seedless], index=df.index)
+    files = pd.Series([b or None for _, b in seedless], index=df.index)
+    plain = pd.Series([f"{str(h or '')[:6]}/s{v}" for h, v in zip(df["config_hash"], df["schema_version"],
+                                                                   strict=True)], index=df.index)
+    mixed = ((plain.groupby(keys).transform("nunique") > 1) | (rest.groupby(keys).transform("nunique") > 1)
+             | (files.groupby(keys).transform("nunique") > 1))
     for cell in sorted(set(keys[mixed])):
+        what = " or ".join(_differs(df[keys == cell])) or "identities"
         (warn or (lambda m: log.warning("%s", m)))(
-            f"{' '.join(cell.split())}: seeds run with different configs or schema versions are reported "
-            "separately, never averaged")
+            f"{' '.join(cell.split())}: seeds run with different {what} are reported separately, never averaged")
     df = df.copy()
     df.loc[mixed, "method"] = df.loc[mixed, "method"] + " [cfg " + variant[mixed] + "]"
     return df

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsbench.data.base import DatasetSplits, Item
-from fsbench.errors import ConfigError, DataError
+from fsbench.errors import ConfigError, DataError, RunFailed
 from fsbench.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -196,23 +196,27 @@ class SplitStore:
 
     def get(self, data: DatasetSplits, shots: int, seed: int, val_shots: int | None = None,
             sampler: str = "fsbench") -> FewShotSplit:
-        """The persisted draw if it is still valid, else a fresh draw (by `sampler`) that is then persisted."""
+        """The draw of (dataset, K, seed) by `sampler`, persisted. A persisted draw is compared with a fresh one
+        (drawing is cheap): another seed's draw copied in place, with a valid checksum of its own, is drawn again."""
         from fsbench.samplers import get_sampler
 
-        drawer = get_sampler(sampler)
         path = self.path(data.name, shots, seed, val_shots, sampler)
+        fresh = get_sampler(sampler).draw(data, shots, seed, val_shots, self.repeat)
         if path.is_file():
             split = self._load(path, data, sampler)
-            if split is not None:
+            if split is not None and (split.train, split.val, split.train_split, split.val_split) == (
+                    fresh.train, fresh.val, fresh.train_split, fresh.val_split):
                 return split
-            log.warning("few-shot split file %s is corrupt, edited or stale; drawing the split again", path)
-            if self.persist:
-                path.unlink(missing_ok=True)
-        split = drawer.draw(data, shots, seed, val_shots, self.repeat)
+            log.warning("few-shot split file %s is corrupt, edited, stale or another draw's; drawing the split "
+                        "again", path)
         if self.persist:
-            atomic_write_json(path, {**split_to_json(split, data), "lists": _lists(data),
-                                     "repeat": self._repeat(sampler)})
-        return split
+            try:
+                atomic_write_json(path, {**split_to_json(fresh, data), "lists": _lists(data),
+                                         "repeat": self._repeat(sampler)})
+            except OSError as exc:
+                raise RunFailed(f"cannot write the few-shot draw to {path} ({exc.strerror or exc}); free space or "
+                                "choose another cache folder with --set runtime.cache_dir=DIR") from None
+        return fresh
 
     def _load(self, path: Path, data: DatasetSplits, sampler: str = "fsbench") -> FewShotSplit | None:
         try:

@@ -51,7 +51,8 @@ def test_carved_validation_comes_out_of_the_drawn_shots(workdir, synthetic_root)
     assert not set(fit["train"]) & set(fit["val"])
     assert sorted(fit["train"] + fit["val"]) == sorted(fewshot_fit["train"])  # the same K shots, split in two
     assert set(Counter(fit["val_labels"]).values()) == {2} and set(Counter(fit["train_labels"]).values()) == {2}
-    result = json.loads((workdir / "results/runs/test-tiny/synthetic/test_time_recorder/carved/shots4_seed1.json").read_text())
+    path = workdir / "results/runs/test-tiny/synthetic/test_time_recorder/carved/shots4_seed1.json"
+    result = json.loads(path.read_text())
     assert result["status"] == "ok" and result["protocol"] == "carved" and result["top1"] is not None
 
 

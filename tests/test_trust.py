@@ -421,7 +421,23 @@ def test_dry_run_plans_a_read_only_results_folder(lab, capsys):
 # ---- the property: no mutation of the data under a finished run yields the old number ---------------
 
 MUTATIONS = ["split_test_label", "split_drop_test", "image_bytes", "image_same_bytes", "toggle_repeat",
-             "checkpoint"]
+             "checkpoint", "same_size_mtime_kept", "identical_copy", "plugin_edited", "two_configs"]
+PADDED = 2048  # test images are padded to this size, so that other pixels can keep the size
+PROP_PLUGIN = '''from fsbench.method import register_method
+from fsbench.methods.linear_probe import LinearProbe
+
+
+@register_method("prop_probe")
+class PropProbe(LinearProbe):
+    """The linear probe, as a plug-in (edit {edit})."""
+'''
+
+
+def _padded(colour: int) -> bytes:
+    from datagen import COLOURS, _encoded
+
+    data = _encoded(".jpg", COLOURS[colour])
+    return data + b"\0" * (PADDED - len(data))
 
 
 def _mutate(kind: str, lab: Path, rng: random.Random, state: dict) -> bool:
@@ -436,16 +452,17 @@ def _mutate(kind: str, lab: Path, rng: random.Random, state: dict) -> bool:
     if kind == "split_drop_test":
         edit_split(lab, lambda doc: doc["test"].pop(rng.randrange(len(doc["test"]))))
         return True
-    if kind in ("image_bytes", "image_same_bytes"):
-        path = rng.choice(sorted((lab / "data/dtd/images").glob("*/test_*.jpg")))
-        if kind == "image_same_bytes":
-            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))  # touch nothing
-            return False
-        time.sleep(0.01)
-        write_image(path, 3)
-        return True
+    if kind in ("image_bytes", "image_same_bytes", "same_size_mtime_kept", "identical_copy"):
+        return _mutate_image(kind, rng.choice(sorted((lab / "data/dtd/images").glob("*/test_*.jpg"))), rng)
     if kind == "toggle_repeat":
         state["flags"] = [] if state["flags"] else ["--allow-repeat"]
+        return True
+    if kind == "plugin_edited":
+        state["edits"] = state.get("edits", 0) + 1
+        (lab / "prop_plugin.py").write_text(PROP_PLUGIN.format(edit=state["edits"]))
+        return True
+    if kind == "two_configs":
+        _two_configs_at_once(lab, state)
         return True
     import open_clip
 
@@ -456,24 +473,70 @@ def _mutate(kind: str, lab: Path, rng: random.Random, state: dict) -> bool:
     return True
 
 
+def _mutate_image(kind: str, path: Path, rng: random.Random) -> bool:
+    st, before = path.stat(), path.read_bytes()
+    if kind == "image_same_bytes":
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch nothing
+        return False
+    time.sleep(0.01)
+    if kind == "identical_copy":  # new inode, mtime and ctime; same bytes
+        shutil.copy(path, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        return False
+    if kind == "image_bytes":
+        write_image(path, 3)
+        return path.read_bytes() != before
+    other = next(_padded(c) for c in rng.sample(range(4), 4) if _padded(c) != before)
+    path.write_bytes(other)  # other pixels, the same size, the old mtime (cp -p, rsync -a, tar)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return True
+
+
+def _two_configs_at_once(lab: Path, state: dict) -> None:
+    """Two runs of the cell with different configs, started together: the one that finishes second must
+    refuse in one line (the other's result kept), never print "ok" over a lost result."""
+    from fsbench.cli.common import load_config
+    from fsbench.engine import Runner
+    from fsbench.resolve import ResultConflict
+    from fsbench.spec import RunSpec
+
+    state["max_iter"] = state.get("max_iter", 100) + 1
+    flags = {"allow_repeat": True} if state["flags"] else {}
+    mine = Runner(load_config(None, [], data_root="data", device="cpu", workers=0, **flags))
+    theirs = Runner(load_config(None, [f"prop_probe.max_iter={state['max_iter']}"], data_root="data", device="cpu",
+                                workers=0, **flags))
+    spec = RunSpec("prop_probe", "test-tiny", "dtd", 1, 1, checkpoint="w.pt")
+    prep = mine.prepare(spec)
+    mine.decide(prep, force=True)  # what it saw when it started
+    theirs.run(spec, force=True)  # the other run finishes first
+    with pytest.raises(ResultConflict, match="meanwhile") as info:
+        mine._record(prep, mine._attempt(prep, False)[0])
+    assert len(str(info.value).splitlines()) == 1
+    assert stored(lab, "prop_probe").config["max_iter"] == state["max_iter"]  # theirs, not lost
+
+
 @pytest.mark.slow
 def test_no_mutation_reports_the_old_number(lab, capsys):
     rng = random.Random(11)
     state = {"flags": []}
     _mutate("checkpoint", lab, rng, state)
-    args = ["-m", "linear_probe", "--checkpoint", "w.pt"]
+    _mutate("plugin_edited", lab, rng, state)
+    for p in (lab / "data/dtd/images").glob("*/test_*.jpg"):
+        p.write_bytes(_padded(["apple_pie", "beta", "gamma"].index(p.parent.name)))
+    args = ["-m", "prop_probe", "--checkpoint", "w.pt", "--plugin", "prop_plugin.py"]
     assert cli(capsys, *RUN, *args, "-d", "dtd", "--data-root", "data")[0] == 0
-    for kind in [rng.choice(MUTATIONS) for _ in range(8)] + ["image_same_bytes"]:
-        old = stored(lab, "linear_probe")
+    kinds = [rng.choice(MUTATIONS[:6]) for _ in range(8)] + ["image_same_bytes"] + MUTATIONS[6:]
+    for kind in kinds:
+        old = stored(lab, "prop_probe")
         changed = _mutate(kind, lab, rng, state)
         code, err = cli(capsys, *RUN, *args, *state["flags"], "-d", "dtd", "--data-root", "data")
         if changed:
             assert code == 2 and "--force" in err, (kind, err)  # never "skipped" with the old number
             code, _ = cli(capsys, *RUN, *args, *state["flags"], "-d", "dtd", "--data-root", "data", "--force")
             assert code == 0
-            assert stored(lab, "linear_probe").identity_hash != old.identity_hash, kind
+            assert stored(lab, "prop_probe").identity_hash != old.identity_hash, kind
         else:
-            assert code == 0 and stored(lab, "linear_probe").created_at == old.created_at, kind
+            assert code == 0 and stored(lab, "prop_probe").created_at == old.created_at, kind
 
 
 def test_report_out_is_an_existing_file(tmp_path, capsys):

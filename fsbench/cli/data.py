@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -19,8 +19,10 @@ from rich.table import Table
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, split_list
 from fsbench.config import PAPER_DATASETS
-from fsbench.dataprep.check import CheckReport, check_dataset
 from fsbench.errors import DataError
+
+if TYPE_CHECKING:  # the checks import every dataset reader (numpy): only when a data command runs
+    from fsbench.dataprep.check import CheckReport
 
 data_app = typer.Typer(help="Download, check and share datasets and few-shot splits.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -37,6 +39,8 @@ def check(
     verify_images: Annotated[bool, typer.Option("--verify-images", help="Decode every image (slow).")] = False,
 ) -> None:
     """Is each dataset present, in which layout, complete, readable? Prints the fix for each problem."""
+    from fsbench.dataprep.check import check_dataset
+
     data_root = load_config(config, None, data_root=root).runtime.data_root
     names = split_list(datasets) or list(PAPER_DATASETS)
     with progress_bars() as (_, track):
@@ -106,6 +110,7 @@ def prepare(
 ) -> None:
     """Download what is public (resumable, checksum-verified), extract it into the standard layout,
     and print the manual steps a dataset needs (ImageNet, Stanford Cars)."""
+    from fsbench.dataprep.check import check_dataset
     from fsbench.dataprep.prepare import prepare as run_prepare
 
     data_root = load_config(config, None, data_root=root).runtime.data_root

@@ -22,27 +22,31 @@ def ls(what: str = typer.Argument("methods", help="methods | datasets | backbone
 
 
 def _methods() -> Table:
-    from fsbench.method import METHODS
+    """From the static index (fsbench.catalog), unless an entry point may add methods: no torch import."""
+    from fsbench.catalog import extra_methods_possible, index
 
     table = Table(title="methods")
     for col in ("name", "input", "unseen classes", "summary", "paper"):
         table.add_column(col, overflow="fold")
-    for name in METHODS.names():
-        cls = METHODS.get(name)
-        unseen = "yes" if cls.scores_unseen_classes() else "n/a"
-        table.add_row(name, cls.input_kind, unseen, cls.summary, cls.paper)
+    rows = index()["methods"]
+    if extra_methods_possible():
+        from fsbench.method import METHODS
+
+        rows = {n: {"input": c.input_kind, "unseen": c.scores_unseen_classes(), "summary": c.summary,
+                    "paper": c.paper} for n in METHODS.names() for c in [METHODS.get(n)]}
+    for name, m in sorted(rows.items()):
+        table.add_row(name, m["input"], "yes" if m["unseen"] else "n/a", m["summary"], m["paper"])
     return table
 
 
 def _protocols() -> Table:
-    from fsbench.protocols import PROTOCOLS
+    from fsbench.catalog import index
 
     table = Table(title="protocols (fsbench run --protocol NAME; docs/protocols.md)")
     for col in ("name", "version", "metrics", "what"):
         table.add_column(col, overflow="fold")
-    for name in PROTOCOLS.names():
-        cls = PROTOCOLS.get(name)
-        table.add_row(name, str(cls.version), ", ".join(cls.metric_names), cls.summary)
+    for name, p in sorted(index()["protocols"].items()):
+        table.add_row(name, str(p["version"]), ", ".join(p["metrics"]), p["summary"])
     return table
 
 
@@ -60,12 +64,12 @@ def _samplers() -> Table:
 
 
 def _datasets() -> Table:
-    from fsbench.data import DATASETS
+    from fsbench.catalog import index
 
     table = Table(title="datasets (folder names: see README 'Datasets')")
     table.add_column("name")
     table.add_column("also accepted as")
-    for name, aliases in DATASETS.aliases().items():
+    for name, aliases in index()["datasets"].items():
         table.add_row(name, ", ".join(aliases))
     return table
 

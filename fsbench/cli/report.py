@@ -37,6 +37,9 @@ def report(
 
     formats = parse_formats(formats)
     ensure_writable(str(out), "--out DIR")  # a file in the way, a read-only folder: one line, before any work
+    if results.exists() and not results.is_dir():
+        raise ConfigError(f"{results} is a file, not a results folder; pass the folder that holds the result "
+                          "files with --results DIR")
     if not results.is_dir():
         raise ConfigError(f"results folder {results} does not exist; pass --results DIR")
     df = load_results(results, warn=lambda line: err_console.print(f"[yellow]warning:[/] {escape(line)}",

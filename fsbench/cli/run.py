@@ -33,6 +33,10 @@ def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrai
                               "to use the study's list from bench.toml)")
     if any(k < 1 for k in shots or []):
         raise ConfigError(f"--shots must be >= 1, got {min(shots)}")
+    from fsbench.catalog import check_names  # a mistyped name answers before torch is imported
+
+    check_names(methods or study.methods, backbones or study.backbones, datasets or study.datasets,
+                protocols or study.protocols)
     grid = itertools.product(protocols or study.protocols, methods or study.methods, backbones or study.backbones,
                              [DATASETS.canonical(d) for d in datasets or study.datasets],
                              shots or study.shots, seeds or study.seeds)
@@ -118,7 +122,7 @@ def _protocol(spec) -> str:
 
 def _validate_names(specs, cfg: BenchConfig | None = None) -> None:
     """Fail fast on unknown names, before any model is built."""
-    from fsbench.backbones import resolve_factory
+    from fsbench.backbones import check_weights, resolve_factory
     from fsbench.data import DATASETS
     from fsbench.method import METHODS
     from fsbench.protocols import PROTOCOLS
@@ -132,5 +136,7 @@ def _validate_names(specs, cfg: BenchConfig | None = None) -> None:
         DATASETS.get(name)
     for name in {s.backbone for s in specs}:
         resolve_factory(name)
+    for backbone, pretrained, checkpoint in {(s.backbone, s.pretrained, s.checkpoint) for s in specs}:
+        check_weights(backbone, pretrained, checkpoint)
     if cfg is not None:
         get_sampler(cfg.study.sampler)

@@ -107,7 +107,8 @@ def read_split_file(path: Path, name: str) -> tuple[list[str], dict[str, list[It
     splits = {s: _parse_entries(data[s], s, names, bad) for s in SPLITS}
     stray = sorted(set(names) - set(range(len(names))))
     if stray:
-        raise bad(f"label {stray[0]} is outside 0..{len(names) - 1} (labels must be 0..C-1, none skipped)")
+        n = len(names) - len(stray)  # the labels 0..n-1 that are in place
+        raise bad(f"label {stray[0]} is outside 0..{n - 1} (labels must be 0..C-1, none skipped)")
     return [names[i] for i in range(len(names))], splits
 
 

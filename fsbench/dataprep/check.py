@@ -16,6 +16,7 @@ from pathlib import Path
 from fsbench.data import DATASETS, DatasetSplits, aircraft, coop, imagenet, imagenet_variants, load_dataset, synthetic
 from fsbench.dataprep.sources import SOURCES
 from fsbench.errors import DataError
+from fsbench.splits import validate_source
 
 SPLITS = ("train", "val", "test")
 MAX_SHOTS = 16  # the paper's largest K: classes with fewer train images need --allow-repeat
@@ -86,6 +87,10 @@ def check_dataset(name: str, root: str | Path, verify_images: bool = False, trac
     report.classes = len(data.classnames)
     _compare_counts(report, root)
     _check_files(report, data, root, verify_images, track)
+    try:  # what `fsbench run` refuses (a file listed twice, a train image in the test list, ...)
+        validate_source(data)
+    except DataError as exc:
+        report.problems.append(str(exc))
     return report
 
 
