@@ -124,7 +124,21 @@ class CoopSampler(Sampler):
             return FewShotSplit(data.name, shots, seed, tuple(train), tuple(val), self.name)
         folder = data.split("train+val")
         train = fewshot(by_class(folder), shots, rng, repeat=False)
-        drawn = set(train)
-        rest = by_class(folder, [i for i in range(len(folder)) if i not in drawn])
-        val = fewshot(rest, val_k, rng, repeat=False)
+        val = _val_from_rest(folder, train, val_k, rng)
         return FewShotSplit(data.name, shots, seed, tuple(train), tuple(val), self.name, "train+val", "train+val")
+
+
+def _val_from_rest(folder: list[Item], train: list[int], val_k: int, rng: random.Random) -> list[int]:
+    """`val_k` per class (Dassl's rule, no repeat) from the train-folder images not in `train`."""
+    drawn = set(train)
+    return fewshot(by_class(folder, [i for i in range(len(folder)) if i not in drawn]), val_k, rng, repeat=False)
+
+
+def coop_train_folder_val(data: DatasetSplits, train: list[int], shots: int, seed: int, val_k: int) -> list[int]:
+    """The coop sampler's ImageNet validation for a given train draw (positions in "train+val"), e.g. one
+    imported from CoOp's split file: the RNG is advanced past CoOp's own train draw of (K, seed) first, so a
+    train draw equal to CoOp's gets the sampler's validation."""
+    folder = data.split("train+val")
+    rng = random.Random(seed)
+    fewshot(by_class(folder), shots, rng, repeat=False)
+    return _val_from_rest(folder, train, val_k, rng)
