@@ -1,8 +1,8 @@
 """CoOp's few-shot split files, read and written without Dassl.
 
-CoOp (KaiyangZhou/CoOp datasets/*.py, e.g. oxford_pets.py:36-50) and the prompt-learning codes built on it
+CoOp (KaiyangZhou/CoOp datasets/*.py, e.g. oxford_pets.py:34-50) and the prompt-learning codes built on it
 cache each draw as `split_fewshot/shot_{K}-seed_{S}.pkl`: a pickled `{"train": [Datum, ...], "val": [...]}`
-(ImageNet: train only, datasets/imagenet.py:45-56) of Dassl's `Datum`
+(ImageNet: train only, datasets/imagenet.py:42-56) of Dassl's `Datum`
 (dassl/data/datasets/base_dataset.py:12-45: `_impath`, `_label`, `_domain`, `_classname`), with absolute
 paths of the machine that drew it. A pickle is a program: `read_coop_pickle` resolves the one global such a
 file holds, `dassl.data.datasets.base_dataset.Datum`, to a plain record and refuses any other global before

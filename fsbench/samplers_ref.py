@@ -1,9 +1,9 @@
 """The reference codes' few-shot draws, exactly: `clip_lora` (MaxZanella/CLIP-LoRA) and `coop` (KaiyangZhou/CoOp
 on Dassl). Proven against the official code run unchanged on test trees (tests/fixtures/samplers/README.md).
 
-Both official codes seed Python's global `random` once (`random.seed(seed)`, CLIP-LoRA run_utils.py:10-14,
+Both official codes seed Python's global `random` once (`random.seed(seed)`, CLIP-LoRA run_utils.py:11-15,
 Dassl dassl/utils/tools.py:73-77) and then call Dassl's `generate_fewshot_dataset` (CLIP-LoRA
-datasets/utils.py:214-254, Dassl dassl/data/datasets/base_dataset.py:167-209): classes in the order they first
+datasets/utils.py:210-252, Dassl dassl/data/datasets/base_dataset.py:167-209): classes in the order they first
 appear in the split list, `random.sample(items, K)` per class, and for a class with fewer than K items
 `random.choices(items, k=K)` (CLIP-LoRA, repeat=True) or all its items (Dassl, repeat=False). Here the same calls
 run on a private `random.Random(seed)`, whose state is the global one's after `random.seed(seed)`, over
@@ -63,10 +63,10 @@ def _check(shots: int, val_shots: int | None) -> int:
 class ClipLoraSampler(Sampler):
     """The official CLIP-LoRA code's draw (Zanella & Ben Ayed 2024; MaxZanella/CLIP-LoRA): validation first
     (min(K, 4) per class from the val split), then K train shots, one global-equivalent RNG seeded once,
-    classes in split-list order, a small class sampled with replacement (datasets/oxford_pets.py:27-29 and the
-    other split-file datasets, datasets/utils.py:241-245). ImageNet: K + min(K, 4) per class from the whole
+    classes in split-list order, a small class sampled with replacement (datasets/oxford_pets.py:28-30 and the
+    other split-file datasets, datasets/utils.py:238-243). ImageNet: K + min(K, 4) per class from the whole
     train folder in ImageFolder order, the first K for training and the rest for validation
-    (datasets/imagenet.py:224-240); a class with fewer images fails there, and here (one line).
+    (datasets/imagenet.py:214-239); a class with fewer images fails there, and here (one line).
 
     A method asking for another validation size (`val_shots`) gets that many per class by the same rule."""
 
@@ -104,7 +104,7 @@ class CoopSampler(Sampler):
     then min(K, 4) validation shots per class, one global-equivalent RNG seeded once, classes in split-list
     order, a small class keeps all of its images (repeat=False; CoOp datasets/oxford_pets.py:44-45 and the
     other datasets). ImageNet: K per class from the whole train folder (datasets/imagenet.py:52); CoOp
-    validates on the test set (`val=test`, datasets/imagenet.py:59), which fsbench never does: validation
+    validates on the test set (`val=test`, datasets/imagenet.py:61), which fsbench never does: validation
     is min(K, 4) per class from the train-folder images not drawn for training, drawn after them by the same
     rule and RNG (the one difference from CoOp). CoOp lists a class folder unsorted (Dassl's
     `listdir_nohidden`, dassl/utils/tools.py:135-145), i.e. in the file system's order; fsbench's is sorted,
