@@ -70,7 +70,7 @@ class Runtime:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: int = -1  # image loader processes; -1 = one per core, at most 8
     eval_batch_size: int = 256
-    allow_repeat: bool = False  # CoOp's fallback: sample shots with replacement in small classes
+    allow_repeat: bool = False  # `fsbench` sampler: small classes sampled with replacement (CLIP-LoRA's rule)
     skip_bad_images: bool = False  # leave undecodable image files out (counted in each result)
     splits: str = ""  # few-shot splits file from `fsbench data export-splits`, used instead of local draws
     save_adapters: str = ""  # folder for what each run learned (`--save-adapter DIR`); "" = not saved

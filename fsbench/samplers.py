@@ -52,7 +52,7 @@ class Sampler:
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", base=Sampler)
 # The sampler of `fewshot` runs unless `--sampler` / `[study] sampler` says otherwise.
-DEFAULT_SAMPLER = "fsbench"
+DEFAULT_SAMPLER = "clip_lora"
 
 
 def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import random
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,22 +50,28 @@ def make_coop_dataset(
     clip_lora_folder: bool = False,
     classes: tuple[str, ...] = DEFAULT_CLASSES,
     counts: tuple[int, int, int] = (3, 1, 2),
+    per_class: Sequence[tuple[int, int, int]] | None = None,
+    shuffle_seed: int | None = None,
 ) -> Path:
     """Write `name` in CoOp's split-json layout under `root`; returns the dataset folder.
 
     `classes` are the raw names stored in the split file; `counts` are images per class in
-    train/val/test. `clip_lora_folder` uses the folder name of CLIP-LoRA's code instead of CoOp's.
+    train/val/test, or `per_class` gives them class by class. `shuffle_seed` shuffles each split's
+    entries (so a class's first appearance is not its label order, as in real split files).
+    `clip_lora_folder` uses the folder name of CLIP-LoRA's code instead of CoOp's.
     """
     coop_folder, lora_folder, image_dir, split_file = COOP_LAYOUTS[name]
     folder = root / (lora_folder if clip_lora_folder else coop_folder)
     split: dict[str, list] = {}
-    for split_name, count in zip(("train", "val", "test"), counts, strict=True):
+    for s, split_name in enumerate(("train", "val", "test")):
         split[split_name] = []
         for label, cls in enumerate(classes):
-            for k in range(count):
+            for k in range(per_class[label][s] if per_class else counts[s]):
                 rel = f"{cls}/{split_name}_{k}.jpg"
                 write_image(folder / image_dir / rel, label)
                 split[split_name].append([rel, label, cls])
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}|{split_name}").shuffle(split[split_name])
     (folder / split_file).write_text(json.dumps(split), encoding="utf-8")
     return folder
 
@@ -71,19 +79,26 @@ def make_coop_dataset(
 AIRCRAFT_VARIANTS = ("707-320", "F/A-18", "Falcon 2000")
 
 
-def make_aircraft(root: Path, folder: str = "fgvc_aircraft", per_split: int = 2) -> Path:
-    """Write FGVC-Aircraft's own layout (variants.txt + images_variant_*.txt + images/) in `root/folder`."""
+def make_aircraft(root: Path, folder: str = "fgvc_aircraft", per_split: int = 2,
+                  per_class: Sequence[tuple[int, int, int]] | None = None, shuffle_seed: int | None = None,
+                  variants: Sequence[str] = AIRCRAFT_VARIANTS) -> Path:
+    """Write FGVC-Aircraft's own layout (variants.txt + images_variant_*.txt + images/) in `root/folder`.
+
+    `per_class` gives the train/val/test images of each variant (default `per_split` each); `shuffle_seed`
+    shuffles the lines of each list."""
     base = root / folder
     base.mkdir(parents=True, exist_ok=True)
-    (base / "variants.txt").write_text("".join(v + "\n" for v in AIRCRAFT_VARIANTS), encoding="utf-8")
+    (base / "variants.txt").write_text("".join(v + "\n" for v in variants), encoding="utf-8")
     image_id = 1000000
-    for split in ("train", "val", "test"):
+    for s, split in enumerate(("train", "val", "test")):
         lines = []
-        for label, variant in enumerate(AIRCRAFT_VARIANTS):
-            for _ in range(per_split):
+        for label, variant in enumerate(variants):
+            for _ in range(per_class[label][s] if per_class else per_split):
                 image_id += 1
                 write_image(base / "images" / f"{image_id}.jpg", label)
                 lines.append(f"{image_id} {variant}\n")
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}|{split}").shuffle(lines)
         (base / f"images_variant_{split}.txt").write_text("".join(lines), encoding="utf-8")
     return base
 
@@ -100,17 +115,19 @@ def make_imagenet(
     n_classes: int = 3,
     n_train: int = 3,
     n_val: int = 2,
+    train_counts: Sequence[int] | None = None,
 ) -> Path:
     """Write ImageNet class folders: `imagenet/images/{train,val}` (CoOp) or `imagenet/{train,val}`.
 
     With `with_classnames`, also CoOp's `classnames.txt` ("<wnid> <name>"; names "class <i>").
-    Without it the reader needs all 1000 classes, so pass `n_classes=1000`.
+    Without it the reader needs all 1000 classes, so pass `n_classes=1000`. `train_counts` gives each
+    class's train images (default `n_train` each).
     """
     folder = root / "imagenet"
     image_root = folder if clip_lora_layout else folder / "images"
     wnids = imagenet_wnids(n_classes)
     for label, wnid in enumerate(wnids):
-        for k in range(n_train):
+        for k in range(train_counts[label] if train_counts else n_train):
             write_image(image_root / "train" / wnid / f"{wnid}_{k}.JPEG", label)
         for k in range(n_val):
             write_image(image_root / "val" / wnid / f"ILSVRC2012_val_{label:05d}{k}.JPEG", label)

@@ -102,12 +102,12 @@ def test_replaced_test_image_is_re_encoded_with_force(lab, capsys):
 
 
 def test_edited_persisted_draw_is_drawn_again_not_used(lab, capsys):
-    assert dtd_run(capsys)[0] == 0
+    assert dtd_run(capsys, "--sampler", "fsbench")[0] == 0
     path = lab / ".fsbench_cache/splits/dtd/shots1_seed1.json"
     doc = json.loads(path.read_text())
     doc["train"] = [doc["train"][0]] * len(doc["train"])  # "1-shot" of one image for every class
     path.write_text(json.dumps(doc))
-    code, err = dtd_run(capsys)
+    code, err = dtd_run(capsys, "--sampler", "fsbench")
     assert code == 0  # the draw is redrawn from (lists, K, seed): the same images, so the same identity
     assert json.loads(path.read_text())["train"] != doc["train"]
 
@@ -192,7 +192,7 @@ def test_failed_run_never_overwrites_a_finished_one(lab, make_runner):
 
 
 def test_imported_splits_never_replace_the_local_draw(lab, capsys):
-    assert dtd_run(capsys)[0] == 0
+    assert dtd_run(capsys, "--sampler", "fsbench")[0] == 0
     local = (lab / ".fsbench_cache/splits/dtd/shots1_seed1.json").read_text()
     assert cli(capsys, "data", "export-splits", "-d", "dtd", "-k", "1", "-s", "2", "--root", "data",
                "--out", "s.json")[0] == 0
@@ -384,7 +384,7 @@ def test_huge_images_are_allowed_and_bombs_say_why(tmp_path, monkeypatch):
 
 def test_too_small_class_is_named(lab, capsys):
     code, err = cli(capsys, *RUN[:3], "-k", "4", "-s", "1", "-m", "zero_shot", "-d", "dtd", "--data-root", "data",
-                    "--device", "cpu")
+                    "--device", "cpu", "--sampler", "fsbench")  # clip_lora and coop have small-class rules
     assert code == 3 and "class 'apple" in err and "(label 0) has 3 images" in err
 
 

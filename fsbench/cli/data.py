@@ -1,4 +1,4 @@
-"""`fsbench data check | prepare | export-splits`: get datasets onto disk, check them, share splits.
+"""`fsbench data check | prepare | export-splits | import-splits`: get datasets onto disk, check them, share splits.
 
 Exit status (docs/exit-codes.md): 0 when every dataset asked for is present, complete and
 readable; 3 (`DataError`) when any is not, or a download or extraction failed; 2 for an unknown
@@ -19,7 +19,7 @@ from rich.table import Table
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, split_list
 from fsbench.config import PAPER_DATASETS
-from fsbench.errors import DataError
+from fsbench.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # the checks import every dataset reader (numpy): only when a data command runs
     from fsbench.dataprep.check import CheckReport
@@ -132,7 +132,7 @@ def prepare(
 
 @data_app.command("export-splits")
 def export_splits(
-    out: Annotated[Path, typer.Option("--out", help="JSON file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="JSON file to write (--format coop: CoOp's data root).")],
     dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Default: the study's.")] = None,
     shots: Annotated[list[str] | None, typer.Option("--shots", "-k", help="e.g. 1,2,4 (default: the study's).")] = None,
     seeds: Annotated[list[str] | None, typer.Option("--seeds", "-s", help="e.g. 1,2,3 (default: the study's).")] = None,
@@ -140,14 +140,19 @@ def export_splits(
     config: ConfigOpt = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="fsbench | clip_lora | coop (default: the "
                                                  "study's; `fsbench ls samplers`).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json (for `run --splits`) or coop (CoOp's "
+                                     "<out>/<dataset>/split_fewshot/shot_K-seed_S.pkl).")] = "json",
 ) -> None:
     """Write the few-shot files of (dataset, shots, seed) to one JSON; `fsbench run --splits FILE`
-    elsewhere then trains on exactly these images."""
+    elsewhere then trains on exactly these images. `--format coop` writes CoOp's split files instead, so
+    the official CoOp-based codes run on the same images."""
     from fsbench.cli.common import sampler_set
     from fsbench.data import load_dataset
     from fsbench.samplers import get_sampler
     from fsbench.splits import SplitStore, split_to_json, write_splits_file
 
+    if fmt not in ("json", "coop"):
+        raise ConfigError(f"--format must be json or coop, not {fmt!r}")
     cfg = load_config(config, sampler_set(None, sampler), data_root=root)
     get_sampler(cfg.study.sampler)
     store = SplitStore(cfg.runtime.cache_dir, repeat=cfg.runtime.allow_repeat)
@@ -156,7 +161,50 @@ def export_splits(
     entries = []
     for name in split_list(dataset) or cfg.study.datasets:
         data = load_dataset(name, cfg.runtime.data_root)
-        entries += [split_to_json(store.get(data, k, s, sampler=cfg.study.sampler), data)
-                    for k in shot_list for s in seed_list]
+        for k in shot_list:
+            for s in seed_list:
+                split = store.get(data, k, s, sampler=cfg.study.sampler)
+                entries.append(write_coop_split(out, split, data) if fmt == "coop" else split_to_json(split, data))
+    if fmt == "coop":
+        console.print(f"wrote {len(entries)} CoOp split files under {out} (its <dataset>/split_fewshot/ "
+                      "folders go into CoOp's data root)", highlight=False)
+        return
     write_splits_file(out, entries)
     console.print(f"wrote {len(entries)} splits to {out}", highlight=False)
+
+
+def write_coop_split(out: Path, split, data) -> Path:
+    """One draw as CoOp's `<out>/<dataset folder>/split_fewshot/shot_{K}-seed_{S}.pkl`."""
+    from fsbench.coop_pickle import coop_folder, coop_pickle_bytes, coop_roles
+    from fsbench.io import atomic_write
+
+    path = out / coop_folder(data.name) / "split_fewshot" / f"shot_{split.shots}-seed_{split.seed}.pkl"
+    blob = coop_pickle_bytes(coop_roles(split, data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+
+
+@data_app.command("import-splits")
+def import_splits(
+    files: Annotated[list[Path], typer.Argument(help="CoOp split files split_fewshot/shot_K-seed_S.pkl.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="The dataset they were drawn from.")],
+    out: Annotated[Path, typer.Option("--out", help="fsbench splits JSON to write (for `run --splits`).")],
+    root: RootOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Read CoOp's few-shot split files (without Dassl; any pickled global but Dassl's Datum is refused),
+    map their paths onto the local data root and write a splits file `fsbench run --splits` trains on."""
+    from fsbench.coop_pickle import import_coop_split
+    from fsbench.data import load_dataset
+    from fsbench.splits import split_to_json, write_splits_file
+
+    data = load_dataset(dataset, load_config(config, None, data_root=root).runtime.data_root)
+    entries, seen = [], {}
+    for f in files:
+        split = import_coop_split(f, data)
+        key = (split.shots, split.seed)
+        if key in seen:
+            raise DataError(f"{f} and {seen[key]} both hold {data.name} K={key[0]} seed={key[1]}")
+        seen[key] = f
+        entries.append(split_to_json(split, data))
+    write_splits_file(out, entries)
+    console.print(f"imported {len(entries)} CoOp splits of {data.name} into {out}", highlight=False)
