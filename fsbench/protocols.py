@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
+from fsbench.errors import DataError
 from fsbench.registry import Registry
 
 
@@ -56,14 +57,33 @@ class ClassSet:
                         tuple(self.names[i] for i in positions), self.templates, self.train_template)
 
 
-def class_set(data: DatasetSplits) -> ClassSet:
-    """All classes of `data`; ImageNet variants carry their ImageNet label indices."""
+def class_set(data: DatasetSplits, source: DatasetSplits | None = None) -> ClassSet:
+    """All classes of `data`; ImageNet variants carry their ImageNet label indices, matched by wnid to
+    the classes of `source` (the ImageNet a method is fitted on) when it is given."""
     mapped = data.extra.get("imagenet_labels")
     if mapped is not None:
         lineage, labels = "imagenet", tuple(mapped)
+        if source is not None and source.name == lineage:
+            labels = _labels_by_wnid(data, source)
     else:
         lineage, labels = data.name, tuple(range(len(data.classnames)))
     return ClassSet(data.name, lineage, labels, tuple(data.classnames), tuple(data.templates), data.train_template)
+
+
+def _labels_by_wnid(data: DatasetSplits, source: DatasetSplits) -> tuple[int, ...]:
+    """The labels of `data`'s classes among `source`'s, by wnid (never by position: a source missing one
+    class would shift every later label); a class the source lacks is a one-line DataError."""
+    wnids, source_wnids = data.extra.get("wnids"), source.extra.get("wnids")
+    if wnids is None or source_wnids is None:
+        raise DataError(f"{data.name}: cannot match its classes to {source.name}'s: no wnids recorded")
+    where = {w: i for i, w in enumerate(source_wnids)}
+    absent = [w for w in wnids if w not in where]
+    if absent:
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise DataError(f"{data.name}: {len(absent)} of its {len(wnids)} classes have no class folder in"
+                        f" {source.name} ({source.image_root}): {shown}; add them to {source.name} or leave"
+                        f" {data.name} out of the targets")
+    return tuple(where[w] for w in wnids)
 
 
 @dataclass(frozen=True)
@@ -221,7 +241,7 @@ class _Transfer(Protocol):
         classes = class_set(source)
         every = {c: c for c in range(len(classes))}
         results = [Target(source.name, (whole_test(source, classes),))]
-        results += [Target(name, (whole_test(data, class_set(data)),)) for name, data in targets.items()]
+        results += [Target(name, (whole_test(data, class_set(data, source)),)) for name, data in targets.items()]
         return Episode(source.name, classes, train, _targets_of(source, train, "train", every), val,
                        _targets_of(source, val, "val", every), tuple(results))
 
