@@ -12,7 +12,8 @@ A run's identity is a dict of named components, each a short digest:
 - `fewshot`: the draw itself (paths and labels of the chosen images) and each chosen file's size
   and modification time;
 - `eval:<dataset>`: every evaluated test image's path, label, size and modification time;
-- `flags`: the data flags (`allow_repeat`, `skip_bad_images`).
+- `flags`: the data flags (`allow_repeat`, `skip_bad_images`);
+- `reference` (only for a method with `Method.reference_seed`): the draw its shared stage trains on.
 
 `identity_hash` combines them. A stored result is reused only when its hash equals the new one;
 `describe_change` names the components that differ, for the one-line message. Torch-free.
@@ -108,6 +109,7 @@ LABELS = {
     "classes": "class names or templates", "train_list": "train list of the split file",
     "val_list": "val list of the split file", "fewshot": "few-shot images (draw or files)",
     "flags": "data flags (--allow-repeat / --skip-bad-images)", "targets": "target datasets",
+    "reference": "the draw of the stage shared by all seeds (PLOT++'s stage 1)",
 }
 
 

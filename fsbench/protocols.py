@@ -130,6 +130,10 @@ class Protocol:
     headline: ClassVar[str] = "top1"
     summary: ClassVar[str] = ""
     source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
+    # the papers' episode: the sources and shots a study plans unless others are asked for explicitly
+    # (`--datasets`/`--shots`, or [study] transfer_sources/transfer_shots); () = the study's lists
+    paper_sources: ClassVar[tuple[str, ...]] = ()
+    paper_shots: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, targets: tuple[str, ...] = ()):
         self.target_names = tuple(targets)
@@ -149,6 +153,13 @@ class Protocol:
     def folder(self, source: str) -> str:
         """The result path segment under the method's folder ("" keeps the few-shot layout)."""
         return f"{self.name}-from-{source}" if self.source_result else self.name
+
+    @classmethod
+    def off_paper(cls, source: str, shots: int) -> str:
+        """"" when (source, shots) is the papers' setting (or the protocol has none), else what it is."""
+        if (not cls.paper_sources or source in cls.paper_sources) and (not cls.paper_shots or shots in cls.paper_shots):
+            return ""
+        return f"the papers fit on {'/'.join(cls.paper_sources)} with {'/'.join(map(str, cls.paper_shots))} shots"
 
 
 PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
@@ -233,9 +244,16 @@ class BaseToNew(Protocol):
 
 class _Transfer(Protocol):
     """Fit once on the source (all classes, K shots), then score the same fitted method on each
-    target's whole test split against the target's classes, without refitting."""
+    target's whole test split against the target's classes, without refitting.
+
+    The papers' setting, planned by default: source ImageNet, 16 shots (CoCoOp, Section 5.2 and
+    KaiyangZhou/CoOp ff61507 scripts/cocoop/xd_train.sh:10,15, `DATASET=imagenet`, `SHOTS=16`,
+    the CoOp variant commented in at :8,14; xd_test.sh:15,29 evaluates that model).
+    """
 
     source_result = True
+    paper_sources = ("imagenet",)
+    paper_shots = (16,)
 
     def episode(self, source, train, val, targets):
         classes = class_set(source)

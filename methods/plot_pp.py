@@ -15,7 +15,13 @@ Official code: github.com/CHENGY12/PLOT (commit 728539f), folder plot-pp:
   with `TRADE_OFF` the cosine of the mean features (the global prompt) is added;
 - two stages (scripts/main_visiononly.sh, main_joint.sh; train.py:100): stage 1 trains the vision prompts
   only (text contexts fixed at the templates) on global + OT logits; stage 2 starts from stage 1 and
-  trains both on the OT logits alone, which are also the test-time scores (scripts/evaluation.sh:45).
+  trains both on the OT logits alone, which are also the test-time scores (scripts/evaluation.sh:45);
+- stage 1 runs once per (dataset, shots), with seed 1 (main_visiononly.sh:18-20, `for SEED in 1`), and
+  every seed's stage 2 starts from that model (main_joint.sh:7,21,45, one `PRETRAIN_DIR` loaded by
+  plotpp.py:308-309): `stage1_seed = 1` (the default) trains stage 1 on seed 1's draw with seed 1's
+  initialisation and batch order (`Method.reference_seed`: the runner draws it and records it in the
+  result's identity), so all seeds share the same stage-1 prompts; `stage1_seed = null` trains stage 1
+  on the run's own draw and seed (fsbench before issue 25).
 
 Defaults: configs/trainers/PLOTPP/vit.yaml (SGD lr 0.002, batch 32, one constant warm-up epoch at 1e-5
 then cosine, random resized crop + flip) with Dassl's momentum 0.9 and weight decay 5e-4; epochs per
@@ -23,9 +29,15 @@ stage 50 / 100 / 200 for 1 / 2-4 / 8-16 shots, 50 on ImageNet (train.py:126-133)
 example), N = 4, 2 vision tokens (scripts/main_joint.sh:12-15).
 
 Deviations: bf16 autocast on GPU (official fp16), the OT in float32; stage 1's text features are
-computed once (its text contexts are fixed, so every step's would be identical); datasets without
-official templates (synthetic, imagefolder) use Caltech101's; the templates of the fitted dataset are
-kept for unseen classes (`retarget`); with `two_stage = false` only the joint stage runs.
+computed once (its text contexts are fixed, so every step's would be identical); stage 1 is recomputed
+in each seed's run (deterministically from seed 1's draw and seed, not stored between runs: on GPU,
+non-deterministic kernels can make the copies differ in the last bits); outside the runner (no
+`ctx.reference`) stage 1 uses the run's own draw and seed; datasets without official templates
+(synthetic, imagefolder) use Caltech101's; the templates of the fitted dataset are kept for unseen
+classes (`retarget`); with `two_stage = false` only the joint stage runs. The vision prompts have the
+tower's width (the official code hard-codes 768, ViT-B's, plotpp.py:100,106, so it runs on ViT-B
+only); the official evaluation batch is 100 (vit.yaml:5), fsbench's `runtime.eval_batch_size` 256
+(the scores do not depend on it).
 """
 
 from __future__ import annotations
@@ -84,6 +96,7 @@ class PlotPPConfig(DasslRecipe):
     max_iter: int = 100  # Sinkhorn iterations at most
     thresh: float = 1e-2  # stop when the mean change of the row scalings falls below this
     two_stage: bool = True  # stage 1 (vision prompts, global + OT logits) before the joint stage
+    stage1_seed: int | None = 1  # stage 1 on this seed's draw, shared by all seeds (official); None = own draw
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
@@ -96,6 +109,8 @@ class PlotPPConfig(DasslRecipe):
         for name in ("eps", "thresh", "logit_scale"):
             check_positive(self.section, name, getattr(self, name))
         check_crop_scale(self.section, "crop_scale", self.crop_scale)
+        if self.stage1_seed is not None:
+            check_at_least(self.section, "stage1_seed", self.stage1_seed, 0)
         if self.init not in (DATASET, RANDOM):
             raise ConfigError(f'plot_pp.init must be "dataset" or "random", got {self.init!r}')
         if self.init == DATASET and self.n_text > 4:
@@ -150,9 +165,15 @@ def template_prompts(method: Method, templates: list[str]) -> list[Prompts]:
     return out
 
 
-def random_prompts(method: Method) -> list[Prompts]:
+def seeded(seed: int, offset: int = 0) -> torch.Generator:
+    """The generator `Context.generator(offset)` gives a run of `seed`."""
+    return torch.Generator().manual_seed(seed * 1000 + offset)
+
+
+def random_prompts(method: Method, seed: int | None = None) -> list[Prompts]:
     """N prompts "X X X X <class>." with their own N(0, 0.02) contexts (plotpp.py:104-109)."""
-    ctx, gen = method.ctx, method.ctx.generator(1)
+    ctx = method.ctx
+    gen = seeded(ctx.seed if seed is None else seed, 1)
     return [build_prompts(ctx.backbone, ctx.classnames, method.config.n_ctx, RANDOM, ctx.device, gen)
             for _ in range(method.config.n_text)]
 
@@ -170,16 +191,23 @@ class PlotPP(Method):
     def supports(cls, backbone: BackboneInfo) -> str | None:
         return backbone_support(backbone)
 
-    def _build(self, templates: list[str] | None) -> None:
+    @classmethod
+    def reference_seed(cls, config: PlotPPConfig) -> int | None:
+        """Stage 1 is trained on `stage1_seed`'s draw in every seed's run (official scripts)."""
+        return config.stage1_seed if config.two_stage else None
+
+    def _build(self, templates: list[str] | None, seed: int | None = None) -> None:
+        """Prompts and vision prompts, initialised from `seed`'s generators (default: the run's seed)."""
         cfg, ctx = self.config, self.ctx
+        seed = ctx.seed if seed is None else seed
         reason = tower_support(ctx.backbone.model)
         if reason:
             raise ConfigError(f"plot_pp cannot run on {ctx.backbone.spec.name}: {reason}")
         self.templates = templates
-        self.prompts = random_prompts(self) if templates is None else template_prompts(self, templates)
+        self.prompts = random_prompts(self, seed) if templates is None else template_prompts(self, templates)
         self.context = nn.Parameter(torch.stack([p.init for p in self.prompts]))
         width = ctx.backbone.model.visual.transformer.width
-        noise = torch.randn(cfg.n_vision, cfg.n_ctx_vision, width, generator=ctx.generator(2)) * INIT_STD
+        noise = torch.randn(cfg.n_vision, cfg.n_ctx_vision, width, generator=seeded(seed, 2)) * INIT_STD
         self.vision = nn.Parameter(noise.to(ctx.device))
 
     def _templates(self) -> list[str] | None:
@@ -189,18 +217,29 @@ class PlotPP(Method):
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
-        self._build(self._templates())
+        shared = cfg.two_stage and cfg.stage1_seed is not None and ctx.reference is not None
+        self._build(self._templates(), cfg.stage1_seed if shared else None)
         epochs = cfg.epochs or coop_epochs(ctx.shots, ctx.dataset)
         self.config = cfg = dataclasses.replace(cfg, epochs=epochs)  # the stored config records what ran
         bb = ctx.backbone
-        batches = fewshot_image_batches(train, train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale),
-                                        cfg.batch_size, ctx.generator())
+        transform = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
+        batches = fewshot_image_batches(train, transform, cfg.batch_size, ctx.generator())
         steps = dassl_steps(len(train), cfg.batch_size)
         if cfg.two_stage:
+            stage1 = ctx.reference if shared else train
+            # shared: seed `stage1_seed`'s own batch order; else the run's batches go on into stage 2
+            batches1 = (fewshot_image_batches(stage1, transform, cfg.batch_size, seeded(cfg.stage1_seed))
+                        if shared else batches)
             with torch.no_grad(), ctx.autocast():
                 fixed = self.text_features()
-            train_epochs(ctx, cfg.optimizer([self.vision]), batches, self._loss(lambda: fixed, trade_off=True),
-                         epochs, steps, cfg.schedule(epochs), "train plot_pp (stage 1: vision prompts)")
+            # shared: the augmentations (torch's global RNG, seeded per run) of seed `stage1_seed`, then the
+            # run's own RNG state back for stage 2
+            with torch.random.fork_rng(devices=[], enabled=shared):
+                if shared:
+                    torch.manual_seed(cfg.stage1_seed)
+                train_epochs(ctx, cfg.optimizer([self.vision]), batches1, self._loss(lambda: fixed, trade_off=True),
+                             epochs, dassl_steps(len(stage1), cfg.batch_size), cfg.schedule(epochs),
+                             "train plot_pp (stage 1: vision prompts)")
         train_epochs(ctx, cfg.optimizer([self.context, self.vision]), batches,
                      self._loss(self.text_features, trade_off=False), epochs, steps, cfg.schedule(epochs),
                      "train plot_pp (stage 2: joint)")
