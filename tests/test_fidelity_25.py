@@ -192,6 +192,16 @@ def test_kgcoop_anchors_to_the_official_handcrafted_prompt(dataset, template, ex
     assert [p for p in prompts if "banded" in p] == [expected]
 
 
+def runner_for(tmp_path: Path, data_root: Path):
+    """A CPU runner on `data_root` writing under `tmp_path`."""
+    from fsbench.config import BenchConfig, Runtime
+    from fsbench.engine import Runner
+
+    rt = Runtime(data_root=str(data_root), results=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
+                 device="cpu", workers=0)
+    return Runner(BenchConfig(runtime=rt))
+
+
 # --- PLOT++: stage 1 once, on seed 1, shared by every seed's stage 2 (main_visiononly.sh:18-20) -------
 
 
@@ -216,8 +226,6 @@ def _stage1_prompts(runner, monkeypatch, seeds, **config) -> dict[int, torch.Ten
 
 
 def test_plot_pp_seeds_share_the_stage_1_of_seed_1(tmp_path, synthetic_root, monkeypatch) -> None:
-    from test_protocols import runner_for
-
     runner = runner_for(tmp_path, synthetic_root)
     shared = _stage1_prompts(runner, monkeypatch, (1, 2, 3))
     assert torch.equal(shared[1], shared[2]) and torch.equal(shared[1], shared[3])
@@ -226,8 +234,6 @@ def test_plot_pp_seeds_share_the_stage_1_of_seed_1(tmp_path, synthetic_root, mon
 
 
 def test_plot_pp_identity_records_the_stage_1_draw(tmp_path, synthetic_root) -> None:
-    from test_protocols import runner_for
-
     from fsbench.spec import RunSpec
 
     runner = runner_for(tmp_path, synthetic_root)
