@@ -29,10 +29,12 @@ stage 50 / 100 / 200 for 1 / 2-4 / 8-16 shots, 50 on ImageNet (train.py:126-133)
 example), N = 4, 2 vision tokens (scripts/main_joint.sh:12-15).
 
 Deviations: bf16 autocast on GPU (official fp16), the OT in float32; stage 1's text features are
-computed once (its text contexts are fixed, so every step's would be identical); stage 1 is recomputed
-in each seed's run (deterministically from seed 1's draw and seed, not stored between runs: on GPU,
-non-deterministic kernels can make the copies differ in the last bits); outside the runner (no
-`ctx.reference`) stage 1 uses the run's own draw and seed; datasets without official templates
+computed once (its text contexts are fixed, so every step's would be identical); the shared stage 1 is
+kept in memory by a content key (weights, device, precision, classes, config, the images and their
+file stamps) and reused by the next seeds in the same process; another process (a new command, another
+Ray worker) trains it again from seed 1's draw and seed, equal on CPU (tested), possibly different in
+the last bits on GPU; outside the runner (no `ctx.reference`) stage 1 uses the run's own draw and seed;
+datasets without official templates
 (synthetic, imagefolder) use Caltech101's; the templates of the fitted dataset are kept for unseen
 classes (`retarget`); with `two_stage = false` only the joint stage runs. The vision prompts have the
 tower's width (the official code hard-codes 768, ViT-B's, plotpp.py:100,106, so it runs on ViT-B
@@ -43,7 +45,8 @@ only); the official evaluation batch is 100 (vit.yaml:5), fsbench's `runtime.eva
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -51,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench import identity
 from fsbench.backbones import BackboneInfo
 from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
@@ -79,6 +83,9 @@ TEMPLATES = {
     "ucf101": ["a photo of a person doing", "this is a photo people doing", "this is picture of people doing",
                "one picture of a person doing"],
 }
+# stage-1 vision prompts shared by the seeds of a (backbone, dataset, K), by content key, in this process
+_STAGE1: OrderedDict[str, torch.Tensor] = OrderedDict()
+STAGE1_KEPT = 16
 DEFAULT_DATASET = "caltech101"  # templates for datasets the official code has none for
 DATASET = "dataset"  # the `init` value for the official per-dataset templates
 
@@ -224,26 +231,49 @@ class PlotPP(Method):
         bb = ctx.backbone
         transform = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
         batches = fewshot_image_batches(train, transform, cfg.batch_size, ctx.generator())
-        steps = dassl_steps(len(train), cfg.batch_size)
-        if cfg.two_stage:
-            stage1 = ctx.reference if shared else train
-            # shared: seed `stage1_seed`'s own batch order; else the run's batches go on into stage 2
-            batches1 = (fewshot_image_batches(stage1, transform, cfg.batch_size, seeded(cfg.stage1_seed))
-                        if shared else batches)
-            with torch.no_grad(), ctx.autocast():
-                fixed = self.text_features()
-            # shared: the augmentations (torch's global RNG, seeded per run) of seed `stage1_seed`, then the
-            # run's own RNG state back for stage 2
-            with torch.random.fork_rng(devices=[], enabled=shared):
-                if shared:
-                    torch.manual_seed(cfg.stage1_seed)
-                train_epochs(ctx, cfg.optimizer([self.vision]), batches1, self._loss(lambda: fixed, trade_off=True),
-                             epochs, dassl_steps(len(stage1), cfg.batch_size), cfg.schedule(epochs),
-                             "train plot_pp (stage 1: vision prompts)")
+        if cfg.two_stage and shared:
+            self._shared_stage1(transform)
+        elif cfg.two_stage:  # the run's batches go on into stage 2
+            self._stage1(train, batches)
         train_epochs(ctx, cfg.optimizer([self.context, self.vision]), batches,
-                     self._loss(self.text_features, trade_off=False), epochs, steps, cfg.schedule(epochs),
-                     "train plot_pp (stage 2: joint)")
+                     self._loss(self.text_features, trade_off=False), epochs, dassl_steps(len(train), cfg.batch_size),
+                     cfg.schedule(epochs), "train plot_pp (stage 2: joint)")
         self._finish()
+
+    def _stage1(self, data: FewShotData, batches: Iterator) -> None:
+        """Stage 1: the vision prompts alone, on global + OT logits, the text contexts fixed."""
+        cfg, ctx = self.config, self.ctx
+        with torch.no_grad(), ctx.autocast():
+            fixed = self.text_features()
+        train_epochs(ctx, cfg.optimizer([self.vision]), batches, self._loss(lambda: fixed, trade_off=True),
+                     cfg.epochs, dassl_steps(len(data), cfg.batch_size), cfg.schedule(cfg.epochs),
+                     "train plot_pp (stage 1: vision prompts)")
+
+    def _shared_stage1(self, transform: Callable) -> None:
+        """Stage 1 as seed `stage1_seed`'s run trains it (its draw, batch order and augmentations, from torch's
+        global RNG, seeded per run), the run's RNG state restored after; reused within the process when the
+        same stage 1 (same weights, classes, config and images) was trained already."""
+        cfg, ctx = self.config, self.ctx
+        key = self._stage1_key(ctx.reference)
+        if key in _STAGE1:
+            with torch.no_grad():
+                self.vision.copy_(_STAGE1[key].to(self.vision.device))
+            return
+        batches = fewshot_image_batches(ctx.reference, transform, cfg.batch_size, seeded(cfg.stage1_seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.stage1_seed)
+            self._stage1(ctx.reference, batches)
+        _STAGE1[key] = self.vision.detach().cpu().clone()
+        while len(_STAGE1) > STAGE1_KEPT:
+            _STAGE1.popitem(last=False)
+
+    def _stage1_key(self, data: FewShotData) -> str:
+        """Everything stage 1 depends on: weights, device and precision, classes, config, the images."""
+        ctx, spec = self.ctx, self.ctx.backbone.spec
+        return identity.digest([identity.weights_identity(spec.name, spec.pretrained or "", spec.checkpoint or ""),
+                                spec.seed, ctx.device.type, str(ctx.amp_dtype), ctx.classes.names,
+                                ctx.classes.templates, dataclasses.asdict(self.config),
+                                identity.items_digest(data.image_root, data.items)])
 
     def _loss(self, text: Callable[[], torch.Tensor], trade_off: bool) -> Callable:
         def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -205,32 +205,43 @@ def runner_for(tmp_path: Path, data_root: Path):
 # --- PLOT++: stage 1 once, on seed 1, shared by every seed's stage 2 (main_visiononly.sh:18-20) -------
 
 
-def _stage1_prompts(runner, monkeypatch, seeds, **config) -> dict[int, torch.Tensor]:
-    """The vision prompts right after stage 1 in the runs of `seeds` (plot_pp, test-tiny, synthetic, K=2)."""
+def _stage1_prompts(runner, monkeypatch, seeds, **config) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """The vision prompts stage 2 starts from in the runs of `seeds` (plot_pp, test-tiny, synthetic, K=2), and
+    the seeds of the runs that trained a stage 1."""
+    from collections import OrderedDict
+
     from fsbench.methods import plot_pp
     from fsbench.spec import RunSpec
 
-    seen, real = {}, plot_pp.train_epochs
+    start, trained, real = {}, [], plot_pp.train_epochs
 
     def recording(ctx, opt, *args, **kwargs):
-        out = real(ctx, opt, *args, **kwargs)
-        if "stage 1" in args[-1]:
-            seen[ctx.seed] = opt.param_groups[0]["params"][0].detach().clone()
-        return out
+        if "stage 2" in args[-1]:
+            start[ctx.seed] = opt.param_groups[0]["params"][1].detach().clone()
+        else:
+            trained.append(ctx.seed)
+        return real(ctx, opt, *args, **kwargs)
 
     monkeypatch.setattr(plot_pp, "train_epochs", recording)
+    monkeypatch.setattr(plot_pp, "_STAGE1", OrderedDict())  # nothing from other tests
     overrides = {"epochs": 1, "batch_size": 4, **config}
     for seed in seeds:
         runner.run_all(RunSpec("plot_pp", "test-tiny", "synthetic", 2, seed, overrides=overrides), force=True)
-    return seen
+    return start, trained
 
 
 def test_plot_pp_seeds_share_the_stage_1_of_seed_1(tmp_path, synthetic_root, monkeypatch) -> None:
+    """main_visiononly.sh:18-20 trains stage 1 once (seed 1); main_joint.sh:7,45 starts seeds 1-3 from it."""
+    from fsbench.methods import plot_pp
+
     runner = runner_for(tmp_path, synthetic_root)
-    shared = _stage1_prompts(runner, monkeypatch, (1, 2, 3))
-    assert torch.equal(shared[1], shared[2]) and torch.equal(shared[1], shared[3])
-    own = _stage1_prompts(runner, monkeypatch, (1, 2), stage1_seed=None)  # fsbench's earlier rule
-    assert not torch.equal(own[1], own[2])
+    shared, trained = _stage1_prompts(runner, monkeypatch, (2, 3))
+    assert torch.equal(shared[2], shared[3]) and trained == [2]  # trained once, then reused in this process
+    monkeypatch.setattr(plot_pp, "_STAGE1", plot_pp.OrderedDict())
+    fresh, trained = _stage1_prompts(runner, monkeypatch, (3, 1))  # recomputed in another process: the same
+    assert torch.equal(fresh[3], shared[2]) and torch.equal(fresh[1], shared[2]) and trained == [3]
+    own, trained = _stage1_prompts(runner, monkeypatch, (1, 2), stage1_seed=None)  # fsbench's earlier rule
+    assert not torch.equal(own[1], own[2]) and trained == [1, 2]
 
 
 def test_plot_pp_identity_records_the_stage_1_draw(tmp_path, synthetic_root) -> None:
