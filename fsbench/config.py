@@ -50,12 +50,16 @@ class Study:
     dg_targets: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_sketch", "imagenet_a",
                                                            "imagenet_r"])
     sampler: str = DEFAULT_SAMPLER  # few-shot sampler: fsbench | clip_lora | coop (`fsbench ls samplers`)
+    # cross_dataset / domain_generalisation: the sources and shots they are planned with, when no
+    # --datasets / --shots flag names them; [] = the papers' (source imagenet, 16 shots)
+    transfer_sources: list[str] = field(default_factory=list)
+    transfer_shots: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("methods", "backbones", "datasets", "shots", "seeds", "protocols"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: list at least one (e.g. {name} = {_EXAMPLE[name]})")
-        bad = [k for k in self.shots if k < 1]
+        bad = [k for k in [*self.shots, *self.transfer_shots] if k < 1]
         if bad:
             raise ValueError(f"shots must be >= 1, got {bad[0]}")
 

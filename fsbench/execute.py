@@ -92,6 +92,8 @@ class Executor:
                       self.workers, self.track, features)
         method = prep.cls(prep.config, ctx)
         train, val = self.fewshot(prep.cls, backbone, source, episode)
+        if prep.reference is not None:  # the draw of the stage shared by all seeds (PLOT++'s stage 1)
+            ctx.reference = self.fewshot(prep.cls, backbone, source, prep.reference)[0]
         start = time.perf_counter()
         method.fit(train, val)
         if self.device.type == "cuda":

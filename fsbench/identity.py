@@ -16,13 +16,13 @@ A run's identity is a dict of named components, each a short digest:
 - `files`: how file contents are stamped ("sha256"; identities written before it stamped size and
   mtime and are verified that way: `legacy=True`);
 - `sampler`: the few-shot sampler and its version (`fsbench.samplers`), absent for fsbench's own
-  sampler so that results drawn before samplers had names keep their identity.
+  sampler so that results drawn before samplers had names keep their identity;
+- `reference` (only for a method with `Method.reference_seed`): the draw its shared stage trains on.
 
 A file's content digest comes from a stat index, as git's index does: the SHA-256 is computed once per
 (path, size, mtime_ns, ctime_ns, inode, device) and again whenever one of them differs, so other bytes
 behind a kept size and mtime are seen (ctime cannot be set back), and a `touch` or an identical copy
 keeps its digest.
->>>>>>> keys
 
 `identity_hash` combines them. A stored result is reused only when its hash equals the new one;
 `describe_change` names the components that differ, for the one-line message. Torch-free.
@@ -224,6 +224,7 @@ LABELS = {
     "flags": "data flags (--allow-repeat / --skip-bad-images)", "targets": "target datasets",
     "sampler": "few-shot sampler (--sampler)",
     "files": "file identity scheme",
+    "reference": "the draw of the stage shared by all seeds (PLOT++'s stage 1)",
 }
 
 

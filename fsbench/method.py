@@ -97,6 +97,9 @@ class Context:
     workers: int | None = None
     track: Callable[[Iterable, int, str], Iterable] = lambda it, total, desc: it
     features: FeatureSource | None = None
+    # the train set of the draw a stage shared by every seed trains on (`Method.reference_seed`), set by the
+    # runner before `fit`; None outside the runner (the method then uses its own train set)
+    reference: FewShotData | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, DatasetSplits):  # convenience for tests and scripts: all its classes
@@ -222,6 +225,13 @@ class Method(ABC):
         method was not fitted on (base-to-new, cross-dataset). Methods that can score unseen classes
         (text-side methods, prompts, LoRA) override this; the default says it cannot."""
         raise NotApplicable(f"{self.name} cannot score classes it never saw: {self.unseen_reason}")
+
+    @classmethod
+    def reference_seed(cls, config: Any) -> int | None:
+        """The seed whose few-shot draw a stage shared by all seeds trains on, or None (no shared stage).
+        The runner then draws it too, hands its train set to `fit` as `ctx.reference`, and makes that draw
+        part of the result's identity (PLOT++'s official stage 1 is trained once, on seed 1)."""
+        return None
 
     @classmethod
     def scores_unseen_classes(cls) -> bool:

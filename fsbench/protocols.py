@@ -58,14 +58,33 @@ class ClassSet:
                         tuple(self.names[i] for i in positions), self.templates, self.train_template)
 
 
-def class_set(data: DatasetSplits) -> ClassSet:
-    """All classes of `data`; ImageNet variants carry their ImageNet label indices."""
+def class_set(data: DatasetSplits, source: DatasetSplits | None = None) -> ClassSet:
+    """All classes of `data`; ImageNet variants carry their ImageNet label indices, matched by wnid to
+    the classes of `source` (the ImageNet a method is fitted on) when it is given."""
     mapped = data.extra.get("imagenet_labels")
     if mapped is not None:
         lineage, labels = "imagenet", tuple(mapped)
+        if source is not None and source.name == lineage:
+            labels = _labels_by_wnid(data, source)
     else:
         lineage, labels = data.name, tuple(range(len(data.classnames)))
     return ClassSet(data.name, lineage, labels, tuple(data.classnames), tuple(data.templates), data.train_template)
+
+
+def _labels_by_wnid(data: DatasetSplits, source: DatasetSplits) -> tuple[int, ...]:
+    """The labels of `data`'s classes among `source`'s, by wnid (never by position: a source missing one
+    class would shift every later label); a class the source lacks is a one-line DataError."""
+    wnids, source_wnids = data.extra.get("wnids"), source.extra.get("wnids")
+    if wnids is None or source_wnids is None:
+        raise DataError(f"{data.name}: cannot match its classes to {source.name}'s: no wnids recorded")
+    where = {w: i for i, w in enumerate(source_wnids)}
+    absent = [w for w in wnids if w not in where]
+    if absent:
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise DataError(f"{data.name}: {len(absent)} of its {len(wnids)} classes have no class folder in"
+                        f" {source.name} ({source.image_root}): {shown}; add them to {source.name} or leave"
+                        f" {data.name} out of the targets")
+    return tuple(where[w] for w in wnids)
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,10 @@ class Protocol:
     # "transductive" (each whole set at once; online methods also run). Labels are never shown.
     unlabelled: ClassVar[str] = "none"
     online_batch: ClassVar[int] = 1
+    # the papers' episode: the sources and shots a study plans unless others are asked for explicitly
+    # (`--datasets`/`--shots`, or [study] transfer_sources/transfer_shots); () = the study's lists
+    paper_sources: ClassVar[tuple[str, ...]] = ()
+    paper_shots: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, targets: tuple[str, ...] = ()):
         self.target_names = tuple(targets)
@@ -140,6 +163,13 @@ class Protocol:
     def folder(self, source: str) -> str:
         """The result path segment under the method's folder ("" keeps the few-shot layout)."""
         return f"{self.name}-from-{source}" if self.source_result else self.name
+
+    @classmethod
+    def off_paper(cls, source: str, shots: int) -> str:
+        """"" when (source, shots) is the papers' setting (or the protocol has none), else what it is."""
+        if (not cls.paper_sources or source in cls.paper_sources) and (not cls.paper_shots or shots in cls.paper_shots):
+            return ""
+        return f"the papers fit on {'/'.join(cls.paper_sources)} with {'/'.join(map(str, cls.paper_shots))} shots"
 
 
 PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
@@ -244,14 +274,21 @@ class BaseToNew(Protocol):
 
 class _Transfer(Protocol):
     """Fit once on the source (all classes, K shots), then score the same fitted method on each
-    target's whole test split against the target's classes, without refitting."""
+    target's whole test split against the target's classes, without refitting.
+
+    The papers' setting, planned by default: source ImageNet, 16 shots (CoCoOp, Section 5.2 and
+    KaiyangZhou/CoOp ff61507 scripts/cocoop/xd_train.sh:10,15, `DATASET=imagenet`, `SHOTS=16`,
+    the CoOp variant commented in at :8,14; xd_test.sh:15,29 evaluates that model).
+    """
 
     source_result = True
+    paper_sources = ("imagenet",)
+    paper_shots = (16,)
 
     def episode(self, source, draw, targets):
         classes = class_set(source)
         results = [Target(source.name, (whole_test(source, classes),))]
-        results += [Target(name, (whole_test(data, class_set(data)),)) for name, data in targets.items()]
+        results += [Target(name, (whole_test(data, class_set(data, source)),)) for name, data in targets.items()]
         return fit_all(source, draw, tuple(results), classes)
 
 

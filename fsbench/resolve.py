@@ -63,6 +63,7 @@ class Prepared:
     identities: dict[str, dict[str, str]]  # target dataset -> identity
     paths: dict[str, Path]  # target dataset -> result file
     seen: dict[str, str | None] = dataclasses.field(default_factory=dict)  # target -> its file when decided
+    reference: Episode | None = None  # the episode of `Method.reference_seed`'s draw, if the method has one
 
     def identity_hash(self, target: str) -> str:
         return identity.identity_hash(self.identities[target])
@@ -128,6 +129,9 @@ class Resolver:
         split = self._split(source, spec, cls)
         episode = protocol.episode(source, split, targets)
         base = self._base_identity(spec, cls, config, protocol, source, split, episode)
+        reference = self._reference(spec, cls, config, protocol, source)
+        if reference is not None:
+            base["reference"] = reference[1]
         identities, paths = {}, {}
         for target in episode.results:
             evals = {f"eval:{target.dataset}/{ev.metric}": identity.eval_digest(self._data(ev.dataset), ev.positions)
@@ -139,7 +143,19 @@ class Resolver:
                                                 protocol.folder(source.name))
         if self.writable:
             identity.save_index(self.cfg.runtime.cache_dir)
-        return Prepared(spec, cls, config, protocol, split, episode, identities, paths)
+        return Prepared(spec, cls, config, protocol, split, episode, identities, paths,
+                        reference=reference[0] if reference is not None else None)
+
+    def _reference(self, spec: RunSpec, cls: type[Method], config: Any, protocol: Protocol,
+                   source: DatasetSplits) -> tuple[Episode, str] | None:
+        """The episode of the draw a method's shared stage trains on (`Method.reference_seed`) and its digest."""
+        seed = cls.reference_seed(config)
+        if seed is None:
+            return None
+        split = self._split(source, dataclasses.replace(spec, seed=seed), cls)
+        episode = protocol.episode(source, split, {})
+        drawn = [source.split(episode.train_split)[i] for i in episode.train]
+        return episode, identity.digest([seed, split.checksum(source), identity.items_digest(source.image_root, drawn)])
 
     def _data(self, name: str) -> DatasetSplits:
         return self._datasets[DATASETS.canonical(name)]

@@ -8,7 +8,12 @@ with mu_c the class means of the L2-normalised support features and P the precis
 covariance. Defaults follow the official code (github.com/mrflogs/ICLR24, main_few_shots.py at commit
 560fe21):
 - :24-29 and :45-53 each support image gives `augment_epoch` = 10 views (configs/few_shots/*.yaml:10),
-  RandomResizedCrop scale 0.5-1 (bicubic) + flip, each view L2-normalised and used as a sample;
+  RandomResizedCrop scale 0.5-1 (bicubic) + flip, each view L2-normalised and used as a sample; on
+  ImageNet the views come from datasets/imagenet.py:209-214 instead (:129-132), scale 0.08-1
+  (`OFFICIAL_CROP_SCALE`);
+- :139 the zero-shot term `clip_classifier(dataset.classnames, dataset.template)` (utils.py:18-35, the
+  normalised mean of the normalised template embeddings): the dataset's CoOp template, and on ImageNet
+  the 7-template ensemble of datasets/imagenet.py:180-186 (`self.template`, :219; `IMAGENET_ENSEMBLE`);
 - :56 mu_c = mean of the class's samples; :59-60 the "KS" shrinkage estimate of the precision,
   P = D * pinv((M - 1) S + tr(S) I), with S the unbiased covariance of the M class-centred samples
   and D the feature dimension; :62-64 uniform priors 1/C, W and b as above;
@@ -18,12 +23,13 @@ covariance. Defaults follow the official code (github.com/mrflogs/ICLR24, main_f
 
 Deviations: alpha is searched on the few-shot validation set (min(K, 4) shots per class); the
 official code searches it on the dataset's whole validation split, and on the TEST set for ImageNet
-(:137). The estimate is computed in float64 (the official one in fp16/fp32 on GPU). The views are
-Tip-Adapter's (same transform, same per-image seeds), so a grid running both encodes them once.
+(:137). The estimate is computed in float64 (the official one in fp16/fp32 on GPU). Outside ImageNet the
+views are Tip-Adapter's (same transform, same per-image seeds), so a grid running both encodes them once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fsbench.config import check_at_least, check_crop_scale, check_list, check_positive
+from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.tip_adapter import augmented_views
 
@@ -44,7 +51,7 @@ class GDAConfig:
     """GDA hyper-parameters (official main_few_shots.py and configs/few_shots/*.yaml)."""
 
     augment_views: int = 10  # augmented views per support image ("augment_epoch"); 0 = un-augmented features
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop, bicubic
+    crop_scale: list[float] | None = None  # RandomResizedCrop, bicubic; None = official: OFFICIAL_CROP_SCALE
     view_seed: int = 1  # seeds each image's views (shared with Tip-Adapter's cache)
     alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0])
     default_alpha: float = 0.1  # kept when no alpha gets a validation accuracy above 0
@@ -53,12 +60,23 @@ class GDAConfig:
 
     def __post_init__(self) -> None:
         check_at_least("gda", "augment_views", self.augment_views, 0)
-        check_crop_scale("gda", "crop_scale", self.crop_scale)
+        if self.crop_scale is not None:
+            check_crop_scale("gda", "crop_scale", self.crop_scale)
         check_list("gda", "alphas", self.alphas, "finite numbers", _finite)
         for name in ("default_alpha", "logit_scale"):
             check_positive("gda", name, getattr(self, name))
         if self.alpha is not None:
             check_positive("gda", "alpha", self.alpha)
+
+
+# the official augmented views' crop scale: main_few_shots.py:25, and datasets/imagenet.py:210 on ImageNet
+OFFICIAL_CROP_SCALE = {"imagenet": [0.08, 1.0]}
+DEFAULT_CROP_SCALE = [0.5, 1.0]
+
+
+def official_crop_scale(dataset: str) -> list[float]:
+    """RandomResizedCrop's scale of the official GDA views on `dataset`."""
+    return list(OFFICIAL_CROP_SCALE.get(dataset, DEFAULT_CROP_SCALE))
 
 
 def class_means(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -105,11 +123,13 @@ class GDA(Method):
     summary = "GDA: shared-covariance Gaussian classifier on features + zero-shot, alpha picked on val"
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
+        if self.config.crop_scale is None:
+            self.config = dataclasses.replace(self.config, crop_scale=official_crop_scale(self.ctx.dataset))
         cfg, dev = self.config, self.ctx.device
         x, y = self._support(train)
         weight, bias = gda_classifier(x.double(), y, self.ctx.num_classes)
         self.weight, self.bias = weight.float(), bias.float()
-        self.text = self.ctx.text_weights().to(dev)
+        self.text = self.ctx.text_weights(ensemble_templates(self.ctx.dataset, self.ctx.templates)).to(dev)
         alpha = cfg.alpha
         if alpha is None:
             vx = val.features.to(dev).float()

@@ -19,7 +19,10 @@ SGD lr 0.0035 (:16-17) with Dassl's momentum 0.9 and weight decay 5e-4, 5 epochs
 one constant warm-up epoch at 1e-5 then cosine (:19-22), random resized crop + flip (:13), whatever
 the shot count. The towers run through `fsbench.towers` (hooks before every block).
 
-Deviations: bf16 autocast on GPU (the official trains CLIP, prompts and projections in fp16); the
+Deviations: bf16 autocast on GPU, every prompt and projection an fp32 parameter (the official config
+runs CLIP in fp16, PREC "fp16" at :35: the first context and its projection are fp16 parameters,
+trainers/maple.py:90-95,103-104, while the deeper text prompts and their projections are fp32
+parameters, :111-117, cast to fp16 where they enter a block, clip/model.py:306,323); the
 projections take the backbone's widths instead of the hard-coded 512 -> 768 (equal on ViT-B/16);
 parameters are initialised from a generator seeded by the run's seed rather than the global RNG;
 `coupling = false` (not in the official code) drops the vision prompts, leaving deep language prompts;

@@ -15,7 +15,13 @@ Official code: github.com/CHENGY12/PLOT (commit 728539f), folder plot-pp:
   with `TRADE_OFF` the cosine of the mean features (the global prompt) is added;
 - two stages (scripts/main_visiononly.sh, main_joint.sh; train.py:100): stage 1 trains the vision prompts
   only (text contexts fixed at the templates) on global + OT logits; stage 2 starts from stage 1 and
-  trains both on the OT logits alone, which are also the test-time scores (scripts/evaluation.sh:45).
+  trains both on the OT logits alone, which are also the test-time scores (scripts/evaluation.sh:45);
+- stage 1 runs once per (dataset, shots), with seed 1 (main_visiononly.sh:18-20, `for SEED in 1`), and
+  every seed's stage 2 starts from that model (main_joint.sh:7,21,45, one `PRETRAIN_DIR` loaded by
+  plotpp.py:308-309): `stage1_seed = 1` (the default) trains stage 1 on seed 1's draw with seed 1's
+  initialisation and batch order (`Method.reference_seed`: the runner draws it and records it in the
+  result's identity), so all seeds share the same stage-1 prompts; `stage1_seed = null` trains stage 1
+  on the run's own draw and seed (fsbench before issue 25).
 
 Defaults: configs/trainers/PLOTPP/vit.yaml (SGD lr 0.002, batch 32, one constant warm-up epoch at 1e-5
 then cosine, random resized crop + flip) with Dassl's momentum 0.9 and weight decay 5e-4; epochs per
@@ -23,15 +29,24 @@ stage 50 / 100 / 200 for 1 / 2-4 / 8-16 shots, 50 on ImageNet (train.py:126-133)
 example), N = 4, 2 vision tokens (scripts/main_joint.sh:12-15).
 
 Deviations: bf16 autocast on GPU (official fp16), the OT in float32; stage 1's text features are
-computed once (its text contexts are fixed, so every step's would be identical); datasets without
-official templates (synthetic, imagefolder) use Caltech101's; the templates of the fitted dataset are
-kept for unseen classes (`retarget`); with `two_stage = false` only the joint stage runs.
+computed once (its text contexts are fixed, so every step's would be identical); the shared stage 1 is
+kept in memory by a content key (weights, device, precision, classes, config, the images and their
+file stamps) and reused by the next seeds in the same process; another process (a new command, another
+Ray worker) trains it again from seed 1's draw and seed, equal on CPU (tested), possibly different in
+the last bits on GPU; outside the runner (no `ctx.reference`) stage 1 uses the run's own draw and seed;
+datasets without official templates
+(synthetic, imagefolder) use Caltech101's; the templates of the fitted dataset are kept for unseen
+classes (`retarget`); with `two_stage = false` only the joint stage runs. The vision prompts have the
+tower's width (the official code hard-codes 768, ViT-B's, plotpp.py:100,106, so it runs on ViT-B
+only); the official evaluation batch is 100 (vit.yaml:5), fsbench's `runtime.eval_batch_size` 256
+(the scores do not depend on it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -39,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench import identity
 from fsbench.backbones import BackboneInfo
 from fsbench.config import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
@@ -67,6 +83,9 @@ TEMPLATES = {
     "ucf101": ["a photo of a person doing", "this is a photo people doing", "this is picture of people doing",
                "one picture of a person doing"],
 }
+# stage-1 vision prompts shared by the seeds of a (backbone, dataset, K), by content key, in this process
+_STAGE1: OrderedDict[str, torch.Tensor] = OrderedDict()
+STAGE1_KEPT = 16
 DEFAULT_DATASET = "caltech101"  # templates for datasets the official code has none for
 DATASET = "dataset"  # the `init` value for the official per-dataset templates
 
@@ -84,6 +103,7 @@ class PlotPPConfig(DasslRecipe):
     max_iter: int = 100  # Sinkhorn iterations at most
     thresh: float = 1e-2  # stop when the mean change of the row scalings falls below this
     two_stage: bool = True  # stage 1 (vision prompts, global + OT logits) before the joint stage
+    stage1_seed: int | None = 1  # stage 1 on this seed's draw, shared by all seeds (official); None = own draw
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
@@ -96,6 +116,8 @@ class PlotPPConfig(DasslRecipe):
         for name in ("eps", "thresh", "logit_scale"):
             check_positive(self.section, name, getattr(self, name))
         check_crop_scale(self.section, "crop_scale", self.crop_scale)
+        if self.stage1_seed is not None:
+            check_at_least(self.section, "stage1_seed", self.stage1_seed, 0)
         if self.init not in (DATASET, RANDOM):
             raise ConfigError(f'plot_pp.init must be "dataset" or "random", got {self.init!r}')
         if self.init == DATASET and self.n_text > 4:
@@ -150,9 +172,15 @@ def template_prompts(method: Method, templates: list[str]) -> list[Prompts]:
     return out
 
 
-def random_prompts(method: Method) -> list[Prompts]:
+def seeded(seed: int, offset: int = 0) -> torch.Generator:
+    """The generator `Context.generator(offset)` gives a run of `seed`."""
+    return torch.Generator().manual_seed(seed * 1000 + offset)
+
+
+def random_prompts(method: Method, seed: int | None = None) -> list[Prompts]:
     """N prompts "X X X X <class>." with their own N(0, 0.02) contexts (plotpp.py:104-109)."""
-    ctx, gen = method.ctx, method.ctx.generator(1)
+    ctx = method.ctx
+    gen = seeded(ctx.seed if seed is None else seed, 1)
     return [build_prompts(ctx.backbone, ctx.classnames, method.config.n_ctx, RANDOM, ctx.device, gen)
             for _ in range(method.config.n_text)]
 
@@ -170,16 +198,23 @@ class PlotPP(Method):
     def supports(cls, backbone: BackboneInfo) -> str | None:
         return backbone_support(backbone)
 
-    def _build(self, templates: list[str] | None) -> None:
+    @classmethod
+    def reference_seed(cls, config: PlotPPConfig) -> int | None:
+        """Stage 1 is trained on `stage1_seed`'s draw in every seed's run (official scripts)."""
+        return config.stage1_seed if config.two_stage else None
+
+    def _build(self, templates: list[str] | None, seed: int | None = None) -> None:
+        """Prompts and vision prompts, initialised from `seed`'s generators (default: the run's seed)."""
         cfg, ctx = self.config, self.ctx
+        seed = ctx.seed if seed is None else seed
         reason = tower_support(ctx.backbone.model)
         if reason:
             raise ConfigError(f"plot_pp cannot run on {ctx.backbone.spec.name}: {reason}")
         self.templates = templates
-        self.prompts = random_prompts(self) if templates is None else template_prompts(self, templates)
+        self.prompts = random_prompts(self, seed) if templates is None else template_prompts(self, templates)
         self.context = nn.Parameter(torch.stack([p.init for p in self.prompts]))
         width = ctx.backbone.model.visual.transformer.width
-        noise = torch.randn(cfg.n_vision, cfg.n_ctx_vision, width, generator=ctx.generator(2)) * INIT_STD
+        noise = torch.randn(cfg.n_vision, cfg.n_ctx_vision, width, generator=seeded(seed, 2)) * INIT_STD
         self.vision = nn.Parameter(noise.to(ctx.device))
 
     def _templates(self) -> list[str] | None:
@@ -189,22 +224,56 @@ class PlotPP(Method):
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
-        self._build(self._templates())
+        shared = cfg.two_stage and cfg.stage1_seed is not None and ctx.reference is not None
+        self._build(self._templates(), cfg.stage1_seed if shared else None)
         epochs = cfg.epochs or coop_epochs(ctx.shots, ctx.dataset)
         self.config = cfg = dataclasses.replace(cfg, epochs=epochs)  # the stored config records what ran
         bb = ctx.backbone
-        batches = fewshot_image_batches(train, train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale),
-                                        cfg.batch_size, ctx.generator())
-        steps = dassl_steps(len(train), cfg.batch_size)
-        if cfg.two_stage:
-            with torch.no_grad(), ctx.autocast():
-                fixed = self.text_features()
-            train_epochs(ctx, cfg.optimizer([self.vision]), batches, self._loss(lambda: fixed, trade_off=True),
-                         epochs, steps, cfg.schedule(epochs), "train plot_pp (stage 1: vision prompts)")
+        transform = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
+        batches = fewshot_image_batches(train, transform, cfg.batch_size, ctx.generator())
+        if cfg.two_stage and shared:
+            self._shared_stage1(transform)
+        elif cfg.two_stage:  # the run's batches go on into stage 2
+            self._stage1(train, batches)
         train_epochs(ctx, cfg.optimizer([self.context, self.vision]), batches,
-                     self._loss(self.text_features, trade_off=False), epochs, steps, cfg.schedule(epochs),
-                     "train plot_pp (stage 2: joint)")
+                     self._loss(self.text_features, trade_off=False), epochs, dassl_steps(len(train), cfg.batch_size),
+                     cfg.schedule(epochs), "train plot_pp (stage 2: joint)")
         self._finish()
+
+    def _stage1(self, data: FewShotData, batches: Iterator) -> None:
+        """Stage 1: the vision prompts alone, on global + OT logits, the text contexts fixed."""
+        cfg, ctx = self.config, self.ctx
+        with torch.no_grad(), ctx.autocast():
+            fixed = self.text_features()
+        train_epochs(ctx, cfg.optimizer([self.vision]), batches, self._loss(lambda: fixed, trade_off=True),
+                     cfg.epochs, dassl_steps(len(data), cfg.batch_size), cfg.schedule(cfg.epochs),
+                     "train plot_pp (stage 1: vision prompts)")
+
+    def _shared_stage1(self, transform: Callable) -> None:
+        """Stage 1 as seed `stage1_seed`'s run trains it (its draw, batch order and augmentations, from torch's
+        global RNG, seeded per run), the run's RNG state restored after; reused within the process when the
+        same stage 1 (same weights, classes, config and images) was trained already."""
+        cfg, ctx = self.config, self.ctx
+        key = self._stage1_key(ctx.reference)
+        if key in _STAGE1:
+            with torch.no_grad():
+                self.vision.copy_(_STAGE1[key].to(self.vision.device))
+            return
+        batches = fewshot_image_batches(ctx.reference, transform, cfg.batch_size, seeded(cfg.stage1_seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.stage1_seed)
+            self._stage1(ctx.reference, batches)
+        _STAGE1[key] = self.vision.detach().cpu().clone()
+        while len(_STAGE1) > STAGE1_KEPT:
+            _STAGE1.popitem(last=False)
+
+    def _stage1_key(self, data: FewShotData) -> str:
+        """Everything stage 1 depends on: weights, device and precision, classes, config, the images."""
+        ctx, spec = self.ctx, self.ctx.backbone.spec
+        return identity.digest([identity.weights_identity(spec.name, spec.pretrained or "", spec.checkpoint or ""),
+                                spec.seed, ctx.device.type, str(ctx.amp_dtype), ctx.classes.names,
+                                ctx.classes.templates, dataclasses.asdict(self.config),
+                                identity.items_digest(data.image_root, data.items)])
 
     def _loss(self, text: Callable[[], torch.Tensor], trade_off: bool) -> Callable:
         def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,11 @@ CLIP's projection and T the frozen zero-shot classifier. Defaults follow the off
   squared difference; :140-141 lambda = 1/N with N the shots (yaml :18 `lambda_funct_1_N`);
 - ProLIP.py:165-166 Adam with eps 1e-4 and a cosine schedule over the 300 epochs (yaml :11), lr 1e-5
   (yaml :16, the setting of scripts/train_4_shot_imagenet.sh); :191 logits 100 * cosine; the last
-  epoch is kept (no validation).
+  epoch is kept (no validation);
+- the frozen classifier T: utils.py:31-56 `clip_classifier`, the normalised mean of the normalised
+  template embeddings of the dataset's CoOp template, and on ImageNet of the 7-template ensemble of
+  datasets/imagenet.py:175-181 (`self.template`, :203; main_imagenet.py:144-145, also for ImageNet-A
+  and -R's classes at :147-150; `IMAGENET_ENSEMBLE`).
 
 Deviations: float32 training (the official code trains CLIP's fp16 projection); each image's views
 are drawn from an RNG seeded by (`view_seed`, image path) and cached, so they are encoded once per
@@ -38,6 +42,7 @@ from torch import nn
 
 from fsbench.backbones import Backbone
 from fsbench.config import check_at_least, check_crop_scale, check_non_negative, check_positive
+from fsbench.data.templates import ensemble_templates
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
@@ -118,7 +123,7 @@ class ProLIP(Method):
         check_projection(ctx.backbone)
         views = self._support(train)  # (N, V, width) on CPU
         y = train.labels.to(ctx.device)  # moved once; the loop's `.to` is then a no-op
-        self.text = ctx.text_weights().to(ctx.device)
+        self.text = self._classifier()
         proj0 = ctx.backbone.model.visual.proj.detach().float().clone().to(ctx.device)
         proj = proj0.clone().requires_grad_(True)
         penalty = 1.0 / ctx.shots if cfg.penalty is None else cfg.penalty
@@ -153,7 +158,12 @@ class ProLIP(Method):
 
     def retarget(self) -> None:
         """The projection is class-agnostic: new classes only need their zero-shot text weights."""
-        self.text = self.ctx.text_weights().to(self.ctx.device)
+        self.text = self._classifier()
+
+    def _classifier(self) -> torch.Tensor:
+        """The frozen zero-shot classifier T (on ImageNet the official 7-template ensemble)."""
+        ctx = self.ctx
+        return ctx.text_weights(ensemble_templates(ctx.dataset, ctx.templates)).to(ctx.device)
 
     def trainable_params(self) -> int:
         return self.proj.numel()

@@ -37,11 +37,29 @@ def expand(cfg: BenchConfig, methods, backbones, datasets, shots, seeds, pretrai
 
     check_names(methods or study.methods, backbones or study.backbones, datasets or study.datasets,
                 protocols or study.protocols)
-    grid = itertools.product(protocols or study.protocols, methods or study.methods, backbones or study.backbones,
-                             [DATASETS.canonical(d) for d in datasets or study.datasets],
-                             shots or study.shots, seeds or study.seeds)
-    return [RunSpec(m, b, d, k, s, pretrained or study.pretrained, checkpoint or study.checkpoint, protocol=p)
-            for p, m, b, d, k, s in grid]
+    specs = []
+    for p in protocols or study.protocols:
+        sources, ks = _episode_lists(cfg, p, datasets, shots)
+        grid = itertools.product(methods or study.methods, backbones or study.backbones,
+                                 [DATASETS.canonical(d) for d in sources], ks, seeds or study.seeds)
+        specs += [RunSpec(m, b, d, k, s, pretrained or study.pretrained, checkpoint or study.checkpoint, protocol=p)
+                  for m, b, d, k, s in grid]
+    return specs
+
+
+def _episode_lists(cfg: BenchConfig, protocol: str, datasets, shots) -> tuple[list[str], list[int]]:
+    """The datasets and shots `protocol` is planned with: the flags when given; else, for a protocol with
+    the papers' setting (cross-dataset, DG: ImageNet, 16 shots), [study] transfer_sources/transfer_shots
+    or that setting; else the study's lists."""
+    from fsbench.protocols import PROTOCOLS
+
+    study, cls = cfg.study, PROTOCOLS.get(protocol)
+    sources, ks = study.datasets, study.shots
+    if cls.paper_sources:
+        sources = study.transfer_sources or list(cls.paper_sources)
+    if cls.paper_shots:
+        ks = study.transfer_shots or list(cls.paper_shots)
+    return list(datasets or sources), list(shots or ks)
 
 
 def execute(cfg: BenchConfig, specs, force: bool) -> list[Result]:

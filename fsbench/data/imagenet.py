@@ -52,7 +52,9 @@ def read_imagenet(root: Path) -> DatasetSplits:
         val += items[-n_val:]
     test = _read_test(image_root, {w: i for i, w in enumerate(wnids)})
     splits = {"train": train, "val": val, "test": test}
-    return build_splits(NAME, image_root, classnames, TEMPLATES[NAME], splits, image_root)
+    data = build_splits(NAME, image_root, classnames, TEMPLATES[NAME], splits, image_root)
+    data.extra["wnids"] = wnids  # label -> wnid: the variants (A, R, V2, Sketch) are matched by it
+    return data
 
 
 def _read_test(image_root: Path, labels: dict[str, int]) -> list[Item]:

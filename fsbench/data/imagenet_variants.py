@@ -22,9 +22,14 @@ the file's sorted wnids, which is how fsbench's `imagenet` reader labels (sorted
 so the two agree for any line order; CoOp's V2 reader instead indexes the file's line order
 (imagenetv2.py lines 33-39), the same for CoOp's own file, whose lines are sorted.
 
-`extra["imagenet_labels"][c]` is the ImageNet label index of class `c`, so a method fitted on
-ImageNet's 1,000 classes can be scored on A's and R's 200 (their labels index the 200 sorted wnid
-folders, as in imagenet_a.py/imagenet_r.py lines 33-43); for V2 and Sketch it is the identity.
+`extra["wnids"][c]` is the wnid of class `c` and `extra["imagenet_labels"][c]` its index among
+classnames.txt's wnids (A's and R's labels index their 200 sorted wnid folders, as in
+imagenet_a.py/imagenet_r.py lines 33-43; for V2 and Sketch the index is the identity). A method
+fitted on ImageNet is scored on a variant by matching these wnids to the source ImageNet's
+(`extra["wnids"]` of the `imagenet` reader; `fsbench.protocols.class_set(variant, source)`), never
+by position: a source folder that lacks a class would otherwise shift every later label and score,
+say, 'tiger shark' as 'hammerhead shark' without a word. A variant class the source lacks is a
+one-line DataError naming its wnids (exit 3).
 Deviation: CoOp's Sketch reader labels a class by its position among the folders present
 (imagenet_sketch.py line 35), we by its ImageNet index; the two agree when all 1,000 are there.
 """

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fsbench.protocols import PROTOCOLS
 from fsbench.protocols import harmonic_mean as protocol_hm
 from fsbench.report.render import latex_escape
 from fsbench.report.style import AVERAGE, dataset_label, method_colors, method_label, order_methods, rc_context
@@ -278,6 +279,9 @@ def transfer_grid(summary: pd.DataFrame, protocol: str, backbone: str, shots: in
     rows = [[method_label(m)] + [cell_text(cells.get((m, d, "top1")), decimals) for d in columns]
             for m in order_methods(block["method"])]
     title = f"{PROTOCOL_TITLES[protocol]}, {backbone}, {shots} shots, fitted on {protocol_label(source)}"
+    off_paper = PROTOCOLS.get(protocol).off_paper(source, shots) if protocol in PROTOCOLS else ""
+    if off_paper:  # asked for explicitly (--datasets / --shots, [study] transfer_*): say it is not the papers'
+        title += f" (not the papers' setting: {off_paper})"
     return Grid(title, header, rows, _notes(block))
 
 
