@@ -248,12 +248,12 @@ def test_plot_pp_identity_records_the_stage_1_draw(tmp_path, synthetic_root) -> 
     from fsbench.spec import RunSpec
 
     runner = runner_for(tmp_path, synthetic_root)
-    prep = {s: runner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 2, s)) for s in (1, 2)}
+    prep = {s: runner.planner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 2, s)) for s in (1, 2)}
     assert prep[2].reference.train == prep[1].split.train != prep[2].split.train
     ident = {s: p.identities["synthetic"] for s, p in prep.items()}
     assert ident[1]["reference"] == ident[2]["reference"] and ident[1]["fewshot"] != ident[2]["fewshot"]
-    other_k = runner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 1, 2)).identities["synthetic"]
+    other_k = runner.planner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 1, 2)).identities["synthetic"]
     assert other_k["reference"] != ident[2]["reference"]
-    own = runner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 2, 2, overrides={"stage1_seed": None}))
+    own = runner.planner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 2, 2, overrides={"stage1_seed": None}))
     assert own.reference is None and "reference" not in own.identities["synthetic"]
-    assert "reference" not in runner.prepare(RunSpec("coop", "test-tiny", "synthetic", 2, 2)).identities["synthetic"]
+    assert "reference" not in runner.planner.prepare(RunSpec("coop", "test-tiny", "synthetic", 2, 2)).identities["synthetic"]
