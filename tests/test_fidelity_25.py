@@ -256,4 +256,5 @@ def test_plot_pp_identity_records_the_stage_1_draw(tmp_path, synthetic_root) -> 
     assert other_k["reference"] != ident[2]["reference"]
     own = runner.planner.prepare(RunSpec("plot_pp", "test-tiny", "synthetic", 2, 2, overrides={"stage1_seed": None}))
     assert own.reference is None and "reference" not in own.identities["synthetic"]
-    assert "reference" not in runner.planner.prepare(RunSpec("coop", "test-tiny", "synthetic", 2, 2)).identities["synthetic"]
+    coop = runner.planner.prepare(RunSpec("coop", "test-tiny", "synthetic", 2, 2))
+    assert "reference" not in coop.identities["synthetic"]
