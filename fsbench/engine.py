@@ -224,7 +224,11 @@ class Runner(Resolver):
         method = prep.cls(prep.config, ctx)
         train, val = self.fewshot(prep.cls, backbone, source, episode)
         start = time.perf_counter()
-        method.fit(train, val)
+        try:
+            method.fit(train, val)
+        finally:  # a diverged run keeps its curve too
+            for r in results.values():
+                r.curves = method.training_curves()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - start

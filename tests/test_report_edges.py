@@ -20,6 +20,7 @@ from scipy import stats
 from fsbench.report import main_table, to_latex, to_markdown, write_report
 from fsbench.report.cd_diagram import plot_cd_diagram
 from fsbench.report.cost import plot_pareto
+from fsbench.report.curves import plot_training_curves
 from fsbench.report.figures import plot_shots_curves
 from fsbench.report.stats import paired_differences, rank_analysis, wilcoxon_pair
 from fsbench.report.style import METHODS
@@ -338,3 +339,108 @@ def test_synthetic_folder_reports_every_figure(tmp_path):
     assert len(warnings) == 1 and "clap ViT-B/16 dtd 4 shots seed 2" in warnings[0]
     a = rank_analysis(load_results(runs), BB, 4)
     assert len(a.ranks) + len(a.excluded) == 17 and a.n_datasets >= 9
+
+
+# -- C. training curves ----------------------------------------------------------------------------------
+
+
+def test_curve_recorder_downsamples_and_flags():
+    from fsbench.curves import CurveRecorder, curve_problems
+
+    rec = CurveRecorder()
+    rec.start("train x")
+    rec.losses([3.0 - i / 1000 for i in range(1000)], [0.1] * 1000)
+    rec.validation(0.5)
+    rec.start("train x")  # a second phase of the same name
+    rec.losses([1.0, 2.0, float("nan"), 3.0], [None] * 4)
+    out = rec.export()
+    first, second = out["train x"], out["train x #2"]
+    assert first["steps"] == 1000 and len(first["loss"]) == 256 and first["step"][-1] == 1000
+    assert first["loss"][0] == pytest.approx(np.mean([3.0 - i / 1000 for i in range(4)]))
+    assert (first["val_step"], first["val_acc"]) == ([1000], [0.5])
+    assert second["nonfinite"] == 1 and second["loss"][2] is None and second["lr"] == [None] * 4
+    assert curve_problems({"train x": first}) == []
+    assert curve_problems(out) == ["train x #2: loss non-finite at 1 of 4 updates"]
+    rising = {"p": {"steps": 3, "nonfinite": 0, "loss": [1.0, 1.5, 2.0], "step": [1, 2, 3]}}
+    assert "ended higher" in curve_problems(rising)[0]
+
+
+def test_old_results_without_curves_still_load(tmp_path):
+    import json
+
+    from fsbench.results import read_result_strict
+
+    path = tmp_path / "shots4_seed1.json"
+    old = {"method": "lora", "backbone": BB, "dataset": "dtd", "shots": 4, "seed": 1, "top1": 70.0,
+           "schema_version": 2, "metrics": {"top1": 70.0}}
+    path.write_text(json.dumps(old))
+    assert read_result_strict(path).curves == {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_runner):
+    """lora, tip_adapter_f, lp_plus_plus, linear_probe and zero_shot run through the runner (short)."""
+    from fsbench.spec import RunSpec
+
+    folder = tmp_path_factory.mktemp("curves")
+    runner = make_runner(folder, ["lora.iters_per_shot=30", "tip_adapter_f.epochs=3", "lp_plus_plus.epochs=5",
+                                  "linear_probe.max_iter=20", "linear_probe.search_steps=0"])
+    results = {m: runner.run(RunSpec(m, "test-tiny", "synthetic", 2, 1))[0]
+               for m in ("lora", "tip_adapter_f", "lp_plus_plus", "linear_probe", "zero_shot")}
+    return folder / "results", results
+
+
+def test_trained_methods_store_their_curves(trained):
+    _, results = trained
+    assert all(r.status == "ok" for r in results.values()), {m: r.error for m, r in results.items()}
+    lora = results["lora"].curves["train lora"]
+    assert lora["steps"] == 60 and len(lora["loss"]) == 60 and all(math.isfinite(v) for v in lora["loss"])
+    assert lora["lr"][0] > lora["lr"][-1] > 0  # cosine decay
+    tip = next(iter(results["tip_adapter_f"].curves.values()))
+    assert len(tip["val_acc"]) == 3 and all(0 <= a <= 1 for a in tip["val_acc"])
+    assert len(next(iter(results["lp_plus_plus"].curves.values()))["val_acc"]) == 5
+    (name, lbfgs), = results["linear_probe"].curves.items()
+    assert name.startswith("L-BFGS") and 1 <= lbfgs["steps"] <= 40
+    assert results["zero_shot"].curves == {}
+
+
+def test_report_draws_and_flags_curves(trained, tmp_path):
+    import json
+
+    root, results = trained
+    path = next(root.rglob("lora/shots2_seed1.json"))
+    data = json.loads(path.read_text())
+    data["seed"], data["curves"]["train lora"]["loss"][-5:] = 2, [None] * 5  # a second seed that diverged
+    data["curves"]["train lora"]["nonfinite"] = 5
+    (path.parent / "shots2_seed2.json").write_text(json.dumps(data))
+    md, _ = _report(root, tmp_path / "rep", "md,png")
+    assert "## Training curves" in md
+    assert "| test-tiny | 2 | CLIP-LoRA | synthetic | 2 | train lora: loss non-finite at 5 of 60 updates |" in md
+    loss = results["lora"].curves["train lora"]["loss"]
+    rose = np.mean(loss[-6:]) > np.mean(loss[:6])  # seed 1 as trained: flagged exactly when its loss rose
+    assert ("| 1 | train lora: loss ended higher" in md) == rose
+    assert (tmp_path / "rep" / "curves_test-tiny_synthetic_2shots.png").is_file()
+    fig = plot_training_curves(load_results(root), "test-tiny", 2, "synthetic")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert "CLIP-LoRA (flagged)" in titles and "Tip-Adapter-F" in titles
+
+
+def test_train_epochs_records_a_non_finite_loss(tiny, synthetic):
+    import torch
+
+    from fsbench.errors import RunFailed
+    from fsbench.method import Context
+    from fsbench.training import train_epochs
+
+    ctx = Context(tiny, synthetic, torch.device("cpu"), 1, 1)
+    w = torch.nn.Parameter(torch.ones(2))
+    calls = iter(range(100))
+
+    def loss_fn(x, y):
+        return (w ** 2).sum() * (float("nan") if next(calls) >= 3 else 1.0)
+
+    with pytest.raises(RunFailed):
+        train_epochs(ctx, torch.optim.SGD([w], lr=0.1), iter(lambda: (torch.zeros(1), torch.zeros(1)), None),
+                     loss_fn, 5, 2, None, "train toy", amp=False)
+    curve = ctx.curves.export()["train toy"]
+    assert curve["steps"] == 4 and curve["nonfinite"] == 1 and curve["lr"] == [0.1] * 4

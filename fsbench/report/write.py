@@ -18,6 +18,7 @@ from fsbench.report.compare import (
     paper_sections,
 )
 from fsbench.report.cost import cost_markdown, cost_table, plot_pareto
+from fsbench.report.curves import curve_cells, curves_markdown, plot_training_curves
 from fsbench.report.figures import plot_average_curves, plot_shots_curves
 from fsbench.report.protocols import protocol_csvs, protocol_figures, protocol_latex, protocol_markdown
 from fsbench.report.render import title, to_latex, to_markdown
@@ -102,6 +103,7 @@ def _markdown(df: pd.DataFrame, comparison: pd.DataFrame | None, notes: list[str
     parts += [protocols, ""] if protocols else []
     parts += [statistics, ""] if statistics else []
     parts += ["## Cost", "", cost_markdown(cost_table(df))] + ([paper.cost] if paper.cost else [])
+    parts += [curves_markdown(df)]
     if images:
         parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in images]
     if notes:
@@ -139,6 +141,9 @@ def _figures(df: pd.DataFrame, out: Path, formats: list[str], notes: list[str], 
         notes.append("Pareto plot skipped: no run records a positive train_seconds.")
     else:
         _save_figure(fig, out / "pareto_accuracy_vs_time", formats, written)
+    for backbone, shots, dataset in curve_cells(df):
+        fig = plot_training_curves(df, backbone, shots, dataset)
+        _save_figure(fig, out / f"curves_{slug(backbone)}_{slug(dataset)}_{shots}shots", formats, written)
     return written
 
 
