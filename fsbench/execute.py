@@ -95,7 +95,11 @@ class Executor:
         if prep.reference is not None:  # the draw of the stage shared by all seeds (PLOT++'s stage 1)
             ctx.reference = self.fewshot(prep.cls, backbone, source, prep.reference)[0]
         start = time.perf_counter()
-        method.fit(train, val)
+        try:
+            method.fit(train, val)
+        finally:  # a diverged run keeps its curve too
+            for r in results.values():
+                r.curves = method.training_curves()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.backbones import Backbone, BackboneInfo
+from fsbench.curves import CurveRecorder
 from fsbench.data.base import DatasetSplits, Item
 from fsbench.errors import FsbenchError
 from fsbench.protocols import ClassSet, class_set
@@ -100,6 +101,7 @@ class Context:
     # the train set of the draw a stage shared by every seed trains on (`Method.reference_seed`), set by the
     # runner before `fit`; None outside the runner (the method then uses its own train set)
     reference: FewShotData | None = None
+    curves: CurveRecorder = field(default_factory=CurveRecorder)  # what the training loops record
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, DatasetSplits):  # convenience for tests and scripts: all its classes
@@ -245,6 +247,11 @@ class Method(ABC):
     def trainable_params(self) -> int:
         """Number of parameters the method trained (0 for training-free methods)."""
         return 0
+
+    def training_curves(self) -> dict[str, dict[str, Any]]:
+        """The curves its training loops recorded in `ctx.curves` ({} for training-free methods), stored
+        in the result's `curves` by the runner (`fsbench.curves`)."""
+        return self.ctx.curves.export()
 
     def inference_overhead(self) -> int:
         """Extra parameters or cache entries needed at test time beyond the base CLIP."""

@@ -68,6 +68,7 @@ class Result:
     not_applicable: dict[str, str] = field(default_factory=dict)  # metric -> why the method cannot produce it
     identity: dict[str, str] = field(default_factory=dict)  # what the number depends on (fsbench.identity)
     identity_hash: str = ""
+    curves: dict[str, Any] = field(default_factory=dict)  # training curves per phase (fsbench.curves); {} if none
 
     @property
     def folder(self) -> str:

@@ -33,6 +33,7 @@ from typing import ClassVar, Generic, Literal, TypeVar
 import torch
 
 from fsbench.config import check_at_least, check_fraction, check_non_negative, check_positive
+from fsbench.curves import CurveRecorder
 from fsbench.data.base import Item
 from fsbench.errors import RunFailed
 from fsbench.images import load_images
@@ -185,19 +186,25 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
     `lr_of_step`, to `lr_of_step(global step)` before every update instead. Under `amp` the loss runs
     in `ctx.autocast()` with a GradScaler for fp16. `backward(loss, scaler)` replaces
     `scaler.scale(loss).backward()` (gradient surgery, e.g. ProGrad); `end_epoch(epoch)` runs after
-    each epoch's updates (validation, outer steps). A non-finite loss raises `RunFailed`; it is checked
-    once per epoch, as each check is a host-device sync. Progress goes through `ctx.track`.
+    each epoch's updates (validation, outer steps). Every update's loss and learning rate go to
+    `ctx.curves` (a phase named `desc`), fetched once per epoch together with the non-finite check
+    (each fetch is a host-device sync); a non-finite loss raises `RunFailed`. Progress goes through
+    `ctx.track`.
     """
     scaler = torch.amp.GradScaler(enabled=amp and ctx.amp_dtype == torch.float16)
+    ctx.curves.start(desc)
     for epoch in ctx.track(range(epochs), epochs, desc):
         if lr_of_epoch is not None:
             _set_lr(opt, lr_of_epoch(epoch))
-        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+        losses, lrs = [], []
         for step in range(steps):
             if lr_of_step is not None:
                 _set_lr(opt, lr_of_step(epoch * steps + step))
-            finite &= _update(ctx, opt, next(batches), loss_fn, scaler, amp, backward)
-        if not finite:
+            lrs.append(opt.param_groups[0]["lr"])
+            losses.append(_update(ctx, opt, next(batches), loss_fn, scaler, amp, backward))
+        values = torch.stack(losses).float().cpu()
+        ctx.curves.losses(values.tolist(), lrs)
+        if not torch.isfinite(values).all():
             raise RunFailed(f"{desc}: non-finite loss in epoch {epoch + 1} of {epochs}")
         if end_epoch is not None:
             end_epoch(epoch)
@@ -205,7 +212,7 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
 
 def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn,
             scaler: torch.amp.GradScaler, amp: bool, backward: Backward | None) -> torch.Tensor:
-    """One optimiser step on `batch`; returns whether its loss was finite (a device tensor, no sync)."""
+    """One optimiser step on `batch`; returns its loss (a detached device tensor, no sync)."""
     x, y = batch
     with ctx.autocast() if amp else torch.autocast(ctx.device.type, enabled=False):
         loss = loss_fn(x.to(ctx.device, non_blocking=True), y.to(ctx.device))
@@ -216,7 +223,7 @@ def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor,
         backward(loss, scaler)
     scaler.step(opt)
     scaler.update()
-    return torch.isfinite(loss.detach()).to(ctx.device)
+    return loss.detach().reshape(())
 
 
 # ---- selection -------------------------------------------------------------------------------------
@@ -234,18 +241,22 @@ class BestOnValidation(Generic[T]):
     `offer(accuracy, snapshot)` keeps `snapshot()` (called only then) when the accuracy beats the best
     so far; on ties the first offer is kept (`ties="first"`, strict >) or the last (`ties="last"`, >=,
     LP++'s official rule). The first offer is always kept, even a NaN accuracy (a single candidate).
+    With `curves` (the run's `Context.curves`), every offered accuracy is recorded on the training curve.
     """
 
-    def __init__(self, initial: T | None = None, ties: Literal["first", "last"] = "first"):
+    def __init__(self, initial: T | None = None, ties: Literal["first", "last"] = "first",
+                 curves: CurveRecorder | None = None):
         if ties not in ("first", "last"):
             raise ValueError(f"ties must be 'first' or 'last', got {ties!r}")
-        self.state, self.ties, self.accuracy = initial, ties, None
+        self.state, self.ties, self.accuracy, self.curves = initial, ties, None, curves
         self.index: int | None = None  # which offer (0-based) is kept
         self._offers = 0
 
     def offer(self, accuracy: float, snapshot: Callable[[], T]) -> bool:
         """Keep `snapshot()` if `accuracy` is the best so far; return whether it was kept."""
         n, self._offers = self._offers, self._offers + 1
+        if self.curves is not None:
+            self.curves.validation(accuracy)
         better = self.accuracy is None or (accuracy >= self.accuracy if self.ties == "last"
                                            else accuracy > self.accuracy)
         if better:

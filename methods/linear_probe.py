@@ -61,9 +61,10 @@ class LinearProbeConfig:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, weight_decay: float,
-                 max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_iter: int, losses: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-batch L-BFGS on mean cross-entropy + weight_decay/2 * ||W - w0||^2, started at W = w0
-    and b = 0 (b unpenalised); returns (W, b)."""
+    and b = 0 (b unpenalised); returns (W, b). `losses` receives the loss of every closure call (L-BFGS
+    reads each one on the host anyway)."""
     w = w0.clone().requires_grad_(True)
     b = torch.zeros(w0.shape[0], device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -72,6 +73,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, weight_deca
         opt.zero_grad()
         loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * weight_decay * ((w - w0) ** 2).sum()
         loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
         return loss
 
     opt.step(closure)
@@ -112,10 +115,11 @@ class LinearProbe(Method):
         else:
             w0 = torch.zeros(self.ctx.num_classes, x.shape[1], device=dev)
         fitted: dict[float, tuple[float, torch.Tensor, torch.Tensor]] = {}
+        losses: dict[float, list[float]] = {}
 
         def val_accuracy(weight_decay: float) -> float:
             if weight_decay not in fitted:  # each strength is fitted once (the search revisits ends)
-                w, b = fit_logistic(x, y, w0, weight_decay, cfg.max_iter)
+                w, b = fit_logistic(x, y, w0, weight_decay, cfg.max_iter, losses.setdefault(weight_decay, []))
                 fitted[weight_decay] = (((vx @ w.T + b).argmax(-1) == vy).float().mean().item(), w, b)
             return fitted[weight_decay][0]
 
@@ -126,6 +130,8 @@ class LinearProbe(Method):
             self.c = search_c(lambda c: val_accuracy(1 / (c * len(y))), cfg.c_grid, cfg.search_steps)
             self.weight_decay = 1 / (self.c * len(y))
         self.val_accuracy, self.w, self.b = fitted[self.weight_decay]
+        self.ctx.curves.start(f"L-BFGS, chosen weight decay {self.weight_decay:.3g}")  # the fit kept
+        self.ctx.curves.losses(losses[self.weight_decay], [None] * len(losses[self.weight_decay]))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.w.T + self.b

@@ -242,12 +242,18 @@ class CLIPLoRA(Method):
         scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
         self.model.train()
         batches = self._batches(train)
-        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+        ctx.curves.start("train lora")
+        losses, lrs = [], []
         for step in ctx.track(range(total), total, "train lora"):
             loss = self.train_loss(*next(batches))
-            finite &= torch.isfinite(loss)  # checked every 50 steps: a check is a host-device sync
-            if ((step + 1) % 50 == 0 or step + 1 == total) and not finite:
-                raise RunFailed(f"non-finite loss in steps {step // 50 * 50 + 1}-{step + 1} of {total}")
+            losses.append(loss.detach().reshape(()))
+            lrs.append(opt.param_groups[0]["lr"])
+            if (step + 1) % 50 == 0 or step + 1 == total:  # recorded and checked every 50 steps: one sync
+                values = torch.stack(losses).float().cpu()
+                ctx.curves.losses(values.tolist(), lrs)
+                losses, lrs = [], []
+                if not torch.isfinite(values).all():
+                    raise RunFailed(f"non-finite loss in steps {step // 50 * 50 + 1}-{step + 1} of {total}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

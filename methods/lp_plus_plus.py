@@ -99,7 +99,8 @@ class LPPlusPlus(Method):
                            requires_grad=True)
         opt = torch.optim.SGD([w, b], lr=lr_prototypes(x), momentum=cfg.momentum)
         lr_alpha = lr_blending(text_logits)
-        best = BestOnValidation(initial=(w.detach(), b.detach(), alpha.detach()), ties="last")  # official: >=
+        best = BestOnValidation(initial=(w.detach(), b.detach(), alpha.detach()), ties="last",  # official: >=
+                                curves=self.ctx.curves)
 
         def end_epoch(epoch: int) -> None:
             with torch.no_grad():

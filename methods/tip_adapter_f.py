@@ -79,7 +79,7 @@ class TipAdapterF(TipAdapter):
         vx, vy = val.features.to(ctx.device).float(), val.labels.to(ctx.device)
         batches = ((views[epoch % len(views)][idx.to(ctx.device)], labels[idx.to(ctx.device)])
                    for epoch, idx in index_batches(len(labels), cfg.batch_size, ctx.generator(2), steps))
-        best = BestOnValidation(initial=self.keys)  # first best epoch kept on ties
+        best = BestOnValidation(initial=self.keys, curves=ctx.curves)  # first best epoch kept on ties
 
         def validate(epoch: int) -> None:
             with torch.no_grad():

@@ -323,6 +323,10 @@ def test_report_calibration_table_and_markdown(store, report):
 def test_rank_analysis_leaves_out_incomplete_methods(store, tmp_path):
     df = load_results(store[0])
     df = df[~((df["method"] == "coop") & (df["dataset"] == "food101"))]
+    a = rank_analysis(df, "ViT-B/16", 4)  # 3 methods on 5 datasets keep more cells than 2 on 6
+    assert a.excluded == [] and a.dropped == {"food101": ["coop"]} and a.n_datasets == 5
+    assert a.cd == pytest.approx(nemenyi_cd(3, 5))
+    df = df[~((df["method"] == "coop") & (df["dataset"] != "imagenet"))]  # coop on 1 dataset: left out
     a = rank_analysis(df, "ViT-B/16", 4)
     assert a.excluded == ["coop"] and list(a.ranks.index) == ["lora", "tip_adapter"] and a.n_datasets == 6
     assert math.isnan(a.friedman["chi2"]) and a.cd == pytest.approx(nemenyi_cd(2, 6))

@@ -26,31 +26,38 @@ def report(
                           'reference CSV of top-1 cells.')] = None,
     reference_method: Annotated[str | None, typer.Option(
         "--reference-method", help="Method the paired differences are taken against (default: lora).")] = None,
+    std: Annotated[str, typer.Option(
+        "--std", help='The "±" of the tables and Figure 2: sample (ddof=1) or population (ddof=0, as the '
+                      'CoOp and MaPLe log parsers print).')] = "sample",
 ) -> None:
     """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), statistics (confidence
     intervals, paired differences, Wilcoxon tests, critical-difference diagrams, ECE), cost and Pareto plot;
     base-to-new, cross-dataset and domain-generalisation tables and a Base-vs-New figure for those protocols."""
     from fsbench.report import main_table, to_rich, write_report
-    from fsbench.report.tables import blocks
+    from fsbench.report.tables import blocks, std_ddof
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
 
     formats = parse_formats(formats)
+    std_ddof(std)  # an unknown --std: one line, before any work
     ensure_writable(str(out), "--out DIR")  # a file in the way, a read-only folder: one line, before any work
     if results.exists() and not results.is_dir():
         raise ConfigError(f"{results} is a file, not a results folder; pass the folder that holds the result "
                           "files with --results DIR")
     if not results.is_dir():
         raise ConfigError(f"results folder {results} does not exist; pass --results DIR")
-    df = load_results(results, warn=lambda line: err_console.print(f"[yellow]warning:[/] {escape(line)}",
-                                                                   highlight=False, soft_wrap=True))
+    def warn(line: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+    df = load_results(results, warn=warn)
     if df.empty:
         raise ConfigError(f"no finished results under {results}; run `fsbench run` first")
     df = select_backbones(df, backbone)
     notes: list[str] = []
-    written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method)
+    written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method,
+                           std=std, warn=warn)
     for b, s in blocks(df):
-        console.print(to_rich(main_table(df, b, s)))
+        console.print(to_rich(main_table(df, b, s, std=std)))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"wrote {len(written)} files to {out}", highlight=False)

@@ -12,6 +12,7 @@ from fsbench.report.style import (
     mark_partial_legend,
     method_colors,
     method_label,
+    method_styles,
     order_methods,
     rc_context,
     shared_legend,
@@ -147,8 +148,20 @@ def _log_time_axis(ax) -> None:
     low, high = ax.get_xlim()
     subs = (1.0, 2.0, 5.0) if np.log10(high / low) < 2.5 else (1.0,)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"))
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _pareto_points(ax, timed: pd.DataFrame, on_front: set[str], colors: dict) -> None:
+    """Front points large with a dark ring; dominated points small and faded, so that one lying on the
+    front's dashed line (same accuracy as a front point, more time) never looks like a front point."""
+    styles = method_styles(timed["method"])
+    for r in timed.itertuples(index=False):
+        color, front = colors.get(r.method), r.method in on_front
+        ax.scatter(r.time, r.acc, s=55 if front else 28, marker=styles[r.method]["marker"],
+                   facecolors="white" if r.partial else color, edgecolors="0.1" if front else color,
+                   lw=1.6 if front else 1.0, alpha=1.0 if front else 0.55, zorder=4 if front else 3,
+                   label=method_label(r.method))
 
 
 def _pareto_panel(ax, df: pd.DataFrame, backbone: str, colors: dict) -> bool:
@@ -160,16 +173,14 @@ def _pareto_panel(ax, df: pd.DataFrame, backbone: str, colors: dict) -> bool:
     pts = pareto_points(df, backbone, shots)
     rank = {m: i for i, m in enumerate(order_methods(pts["method"]))}
     timed = pts[pts["time"] > 0].sort_values("method", key=lambda c: c.map(rank))
-    for r in timed.itertuples(index=False):
-        ax.scatter(r.time, r.acc, s=40, color=colors.get(r.method), label=method_label(r.method),
-                   facecolors="white" if r.partial else colors.get(r.method), zorder=3, lw=1.2)
-    if timed["partial"].any():
-        mark_partial_legend(ax)
     complete = timed[~timed["partial"].astype(bool)]
     front = pareto_front(complete if not complete.empty else timed)  # partial Averages don't compete
+    _pareto_points(ax, timed, set(front["method"]), colors)
+    if timed["partial"].any():
+        mark_partial_legend(ax)
     if len(front) > 1:
         ax.step(front["time"], front["acc"], where="post", color="0.4", lw=1, ls="--", zorder=2,
-                label="Pareto front")
+                label="Pareto front (ringed)")
     zs = pareto_points(df, backbone, 0) if 0 in set(main_runs(df)["shots"]) else pd.DataFrame()
     n_block = main_runs(df).query("backbone == @backbone and shots == @shots")["dataset"].nunique()
     n_zero = main_runs(df).query("backbone == @backbone and shots == 0")["dataset"].nunique()
@@ -195,7 +206,8 @@ def plot_pareto(df: pd.DataFrame, backbones: list[str] | None = None) -> Figure 
     backbones = backbones or sorted(set(ok["backbone"]))
     colors = method_colors(ok["method"])
     with rc_context():
-        fig = Figure(figsize=(3.4 * len(backbones), 3.2), layout="constrained")
+        entries = ok["method"].nunique() + 3  # the legend below grows with the methods (3 per row)
+        fig = Figure(figsize=(3.4 * len(backbones), 3.2 + 0.2 * -(-entries // 3)), layout="constrained")
         axes = fig.subplots(1, len(backbones), squeeze=False)[0]
         drawn = [_pareto_panel(ax, ok, b, colors) for ax, b in zip(axes, backbones, strict=True)]
         if not any(drawn):

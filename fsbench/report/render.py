@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fsbench.report.style import AVERAGE, dataset_label, method_label
-from fsbench.report.tables import Cell
+from fsbench.report.tables import STD_LABELS, Cell
 
 MISSING = "–"
 DAGGER = "†"
@@ -16,6 +16,16 @@ def title(table: pd.DataFrame) -> str:
     shots = table.attrs.get("shots", "?")
     unit = "shot" if shots == 1 else "shots"
     return f"{table.attrs.get('backbone', '?')}, {shots} {unit}"
+
+
+def std_label(table: pd.DataFrame) -> str:
+    """Which standard deviation a table's "±" is, e.g. "sample std (ddof=1)"."""
+    return STD_LABELS[table.attrs.get("std", "sample")]
+
+
+def legend_line(table: pd.DataFrame) -> str:
+    """The line under every table saying what a cell holds."""
+    return f"Cells: mean ± {std_label(table)} over seeds (number of seeds)."
 
 
 def footnotes(table: pd.DataFrame) -> list[str]:
@@ -50,8 +60,8 @@ def to_markdown(table: pd.DataFrame) -> str:
             text = _cell_text(cell, decimals, " ± ", dataset == AVERAGE) or MISSING
             cells.append(f"**{text}**" if cell.best else text)
         lines.append("| " + " | ".join([method_label(method)] + cells) + " |")
-    notes = footnotes(table)
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    notes = [legend_line(table)] + footnotes(table)
+    return "\n".join(lines + [""] + notes) + "\n"
 
 
 def latex_escape(text: str) -> str:
@@ -75,7 +85,8 @@ def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
             cells.append(rf"\textbf{{{text}}}" if cell.best else text)
         rows.append(" & ".join([latex_escape(method_label(method))] + cells) + r" \\")
     notes = [latex_escape(n).replace(DAGGER, r"$^\dagger$") for n in footnotes(table)]
-    caption = caption or f"Top-1 accuracy (\\%), {latex_escape(title(table))}; mean $\\pm$ std over seeds (n)."
+    caption = caption or (f"Top-1 accuracy (\\%), {latex_escape(title(table))}; mean $\\pm$ "
+                          f"{latex_escape(std_label(table))} over seeds (n).")
     body = [r"\begin{table*}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}",
             r"\resizebox{\textwidth}{!}{%", rf"\begin{{tabular}}{{l{'c' * len(table.columns)}}}",
             r"\toprule", " & ".join(header) + r" \\", r"\midrule", *rows, r"\bottomrule",
@@ -97,7 +108,8 @@ def to_rich(table: pd.DataFrame, transpose: bool | None = None):
     transpose = len(table.index) < len(table.columns) if transpose is None else transpose
     rows, cols = (table.columns, table.index) if transpose else (table.index, table.columns)
     row_label, col_label = (dataset_label, method_label) if transpose else (method_label, dataset_label)
-    out = Table(title=title(table), title_style="bold", caption="mean±std over seeds; seed counts in report.md")
+    out = Table(title=title(table), title_style="bold",
+                caption=f"mean±{std_label(table)} over seeds; seed counts in report.md")
     out.add_column("Dataset" if transpose else "Method", no_wrap=True)
     for col in cols:
         out.add_column(escape(col_label(col)), justify="center")

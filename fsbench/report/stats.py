@@ -26,16 +26,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fsbench.report.style import order_datasets, order_methods
+from fsbench.report.style import dataset_label, method_label, order_datasets, order_methods
 from fsbench.report.tables import KEYS, main_runs
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
 CELL = ["backbone", "shots", "dataset"]
-CI_COLUMNS = KEYS + ["mean", "std", "n", "ci_low", "ci_high"]
+CI_COLUMNS = KEYS + ["mean", "std", "n", "ci_low", "ci_high", "clipped"]
+BOUNDS = (0.0, 100.0)  # top-1 is a percentage: a t interval reaching past these is shown clipped
 PAIRED_COLUMNS = CELL + ["method", "reference", "n", "mean_diff", "std_diff", "ci_low", "ci_high", "p_value"]
 WILCOXON_COLUMNS = ["backbone", "shots", "method_a", "method_b", "n_datasets", "wins", "ties", "losses",
-                    "mean_diff", "statistic", "p_value"]
+                    "mean_diff", "statistic", "p_value", "p_method"]
+MIN_WILCOXON_DATASETS = 2  # a pair sharing one dataset has no test (scipy: W = 0, p = 1); left out everywhere
+ZERO_RULE = "zero differences dropped before ranking (Wilcoxon's rule, scipy's zero_method='wilcox')"
 CALIBRATION_COLUMNS = KEYS + ["top1", "ece", "n", "n_ece", "not_applicable"]
 NAN = float("nan")
 
@@ -124,8 +127,20 @@ def seed_ci_table(df: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFr
         low, high = mean_ci(x, confidence)
         rows.append(dict(zip(KEYS, key, strict=True)) | {
             "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else NAN, "n": int(x.size),
-            "ci_low": low, "ci_high": high})
+            "ci_low": low, "ci_high": high, "clipped": bool(low < BOUNDS[0] or high > BOUNDS[1])})
     return pd.DataFrame(rows, columns=CI_COLUMNS)
+
+
+def clip_interval(low: float, high: float) -> tuple[float, float]:
+    """A t interval clipped to the range top-1 can take, [0, 100] (NaN stays NaN)."""
+    return (max(low, BOUNDS[0]) if low == low else low), (min(high, BOUNDS[1]) if high == high else high)
+
+
+def significant(row) -> bool:
+    """True when a paired row's interval excludes 0 *and* it has a p-value: a constant difference (the same
+    on every seed) has a zero-width interval but no test, so it is never called significant."""
+    p = row.p_value
+    return p == p and (row.ci_low > 0 or row.ci_high < 0)
 
 
 def paired_differences(df: pd.DataFrame, method: str, reference: str,
@@ -164,29 +179,45 @@ def dataset_scores(df: pd.DataFrame, backbone: str, shots: int) -> pd.DataFrame:
     return wide.loc[order_datasets(wide.index), order_methods(wide.columns)]
 
 
+def wilcoxon_p_method(d: np.ndarray) -> str:
+    """How scipy's `wilcoxon(method="auto")` (scipy >= 1.13) gets its p-value for differences `d`:
+    "exact" (the signed-rank null distribution) for n <= 50 without zeros or tied |d|; "exact
+    (permutation)" (all 2^n sign flips) with zeros or ties and n <= 13; else "normal approximation"."""
+    d = np.asarray(d, dtype=float)
+    nonzero = np.abs(d[d != 0])
+    ties = np.unique(nonzero).size < nonzero.size
+    if d.size > 50:
+        return "normal approximation"
+    if not ties and nonzero.size == d.size:
+        return "exact"
+    return "exact (permutation)" if d.size <= 13 else "normal approximation"
+
+
 def wilcoxon_pair(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Two-sided Wilcoxon signed-rank test of paired per-dataset scores (scipy's defaults: zero
-    differences dropped, exact distribution for small samples without ties)."""
+    """Two-sided Wilcoxon signed-rank test of paired per-dataset scores with scipy's defaults: zero
+    differences are dropped before ranking (`zero_method="wilcox"`) and p comes from the rule
+    `wilcoxon_p_method` names (exact with ties too, by permutation, for n <= 13); `p_method` says which."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     d = x - y
     out = {"n_datasets": int(d.size), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
            "losses": int((d < 0).sum()), "mean_diff": float(d.mean()) if d.size else NAN,
-           "statistic": NAN, "p_value": NAN}
+           "statistic": NAN, "p_value": NAN, "p_method": ""}
     if d.size == 0 or np.all(d == 0):
         return out
     with _quiet():
         res = stats.wilcoxon(x, y)
-    return out | {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
+    return out | {"statistic": float(res.statistic), "p_value": float(res.pvalue), "p_method": wilcoxon_p_method(d)}
 
 
 def wilcoxon_table(df: pd.DataFrame, backbone: str, shots: int) -> pd.DataFrame:
     """A Wilcoxon signed-rank test across datasets for every method pair of a block (paper order),
-    on the datasets both methods have; the p-values are per pair, not corrected for multiplicity."""
+    on the datasets both methods have; the p-values are per pair, not corrected for multiplicity.
+    Pairs sharing fewer than `MIN_WILCOXON_DATASETS` datasets have no test and are left out."""
     scores = dataset_scores(df, backbone, shots)
     rows = []
     for a, b in itertools.combinations(scores.columns, 2):
         both = scores[[a, b]].dropna()
-        if len(both):
+        if len(both) >= MIN_WILCOXON_DATASETS:
             rows.append({"backbone": backbone, "shots": int(shots), "method_a": a, "method_b": b}
                         | wilcoxon_pair(both[a], both[b]))
     return pd.DataFrame(rows, columns=WILCOXON_COLUMNS)
@@ -249,7 +280,7 @@ def cliques(ranks: pd.Series, cd: float) -> list[list[str]]:
 
 @dataclass
 class RankAnalysis:
-    """Demšar's analysis of one (backbone, shots) block: complete datasets only."""
+    """Demšar's analysis of one (backbone, shots) block, on a complete methods × datasets table."""
 
     backbone: str
     shots: int
@@ -260,25 +291,76 @@ class RankAnalysis:
     friedman: dict[str, float]
     groups: list[list[str]]
     datasets: list[str] = field(default_factory=list)
-    excluded: list[str] = field(default_factory=list)  # methods missing some of the block's datasets
+    excluded: list[str] = field(default_factory=list)  # methods left out (paper order)
+    missing: dict[str, list[str]] = field(default_factory=dict)  # left-out method -> datasets it lacks
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # left-out dataset -> kept methods lacking it
+
+    def friedman_reason(self) -> str:
+        """Why the Friedman test has no value ("" when it has one)."""
+        if self.friedman["chi2"] == self.friedman["chi2"]:
+            return ""
+        if len(self.ranks) < 3:
+            return f"needs 3 or more methods, here {len(self.ranks)}"
+        if self.n_datasets < 2:
+            return f"needs 2 or more datasets, here {self.n_datasets}"
+        return "undefined: all methods tie on every dataset"  # scipy's tie correction is 0/0
+
+
+def _coverage(have: pd.DataFrame, methods: list[str]) -> int:
+    """Methods × complete datasets of a candidate set: the cells a complete-block analysis uses (0 when
+    fewer than 2 methods or 2 datasets remain)."""
+    n = int(have[methods].all(axis=1).sum()) if methods else 0
+    return len(methods) * n if len(methods) >= 2 and n >= 2 else 0
+
+
+def complete_block(scores: pd.DataFrame) -> list[str]:
+    """The methods to rank: start from all and leave out, one at a time, the method whose removal adds
+    most cells to the complete table (methods × datasets every kept method has), while that grows it
+    (when nothing is complete yet, the method with the fewest datasets goes). Greedy, deterministic."""
+    have = scores.notna()
+    kept = list(scores.columns)
+    while len(kept) > 2:
+        size = _coverage(have, kept)
+        options = [(_coverage(have, [m for m in kept if m != c]), -int(have[c].sum()), -i, c)
+                   for i, c in enumerate(kept)]
+        best = max(options)
+        if size and best[0] <= size:
+            break
+        kept.remove(best[3] if best[0] else min(kept, key=lambda m: (int(have[m].sum()), -kept.index(m))))
+    return kept
 
 
 def rank_analysis(df: pd.DataFrame, backbone: str, shots: int, alpha: float = ALPHA) -> RankAnalysis | None:
-    """Average ranks, Friedman test and Nemenyi CD of a block, over its datasets; methods lacking any
-    of them are excluded (named in `excluded`). None with fewer than 2 methods or 2 datasets."""
+    """Average ranks, Friedman test and Nemenyi CD of a block on the datasets every kept method has
+    (`complete_block` chooses the methods; `excluded`/`missing` and `dropped` say who was left out and
+    why). None when no 2 methods share 2 datasets."""
     scores = dataset_scores(df, backbone, shots)
     if scores.empty:
         return None
-    complete = scores.columns[scores.notna().all(axis=0)]
-    excluded = [m for m in scores.columns if m not in complete]
-    scores = scores[complete]
-    n, k = scores.shape
+    kept = complete_block(scores)
+    have = scores.notna()
+    datasets = [d for d in scores.index if have.loc[d, kept].all()]
+    excluded = [m for m in scores.columns if m not in kept]
+    missing = {m: [d for d in scores.index if not have.loc[d, m]] for m in excluded}
+    dropped = {d: [m for m in kept if not have.loc[d, m]] for d in scores.index if d not in datasets}
+    table = scores.loc[datasets, kept]
+    n, k = table.shape
     if k < 2 or n < 2:
         return None
-    ranks = average_ranks(scores)
+    ranks = average_ranks(table)
     cd = nemenyi_cd(k, n, alpha)
-    return RankAnalysis(backbone, int(shots), ranks, n, cd, alpha, friedman(scores), cliques(ranks, cd),
-                        list(scores.index), excluded)
+    return RankAnalysis(backbone, int(shots), ranks, n, cd, alpha, friedman(table), cliques(ranks, cd),
+                        datasets, excluded, missing, dropped)
+
+
+def left_out_lines(a: RankAnalysis) -> list[str]:
+    """One line each for the methods and the datasets a rank analysis left out, and why."""
+    lines = []
+    for m in a.excluded:
+        lines.append(f"{method_label(m)} (no result on {', '.join(dataset_label(d) for d in a.missing[m])})")
+    for d, lacking in a.dropped.items():
+        lines.append(f"{dataset_label(d)} (no result for {', '.join(method_label(m) for m in lacking)})")
+    return lines
 
 
 def calibration_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -11,12 +11,16 @@ import pandas as pd
 from fsbench.errors import ConfigError
 from fsbench.report.render import MISSING
 from fsbench.report.stats import (
+    ZERO_RULE,
     RankAnalysis,
     calibration_table,
+    clip_interval,
+    left_out_lines,
     paired_table,
     rank_analysis,
     seed_ci_table,
     seed_runs,
+    significant,
     wilcoxon_table,
 )
 from fsbench.report.style import HIGHLIGHT, dataset_label, method_label, order_datasets, order_methods
@@ -50,18 +54,26 @@ def _grid(frame: pd.DataFrame, text) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLIPPED = "‡"
+
+
 def _ci_text(r, d: int = 1) -> str:
+    """"72.3 ± 0.4 [71.3, 73.3] (3)"; an interval reaching past [0, 100] is shown clipped, marked ‡."""
     out = f"{r.mean:.{d}f}"
     if r.n > 1:
-        out += f" ± {r.std:.{d}f} [{r.ci_low:.{d}f}, {r.ci_high:.{d}f}]"
+        low, high = clip_interval(r.ci_low, r.ci_high)
+        out += f" ± {r.std:.{d}f} [{low:.{d}f}, {high:.{d}f}]" + (CLIPPED if r.clipped else "")
     return out + f" ({r.n})"
 
 
 def _paired_text(r, d: int = 1) -> str:
+    """"−1.2 [−2.0, −0.4] (5)", bold when significant; a difference equal on every seed has no test."""
     out = f"{r.mean_diff:+.{d}f}"
+    if r.n > 1 and r.p_value != r.p_value and r.ci_low == r.ci_high:
+        return out + f", same on every seed ({r.n})"
     if r.n > 1:
         out += f" [{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}]"
-        if r.ci_low > 0 or r.ci_high < 0:
+        if significant(r):
             out = f"**{out}**"
     return out + f" ({r.n})"
 
@@ -77,28 +89,36 @@ def _block(frame: pd.DataFrame, backbone: str, shots: int) -> pd.DataFrame:
 
 
 def _wilcoxon_markdown(table: pd.DataFrame) -> str:
-    lines = ["| Method A | Method B | datasets | A wins / ties / losses | mean A − B | W | p |",
-             "|:---|:---|---:|:---:|---:|---:|---:|"]
+    lines = ["| Method A | Method B | datasets | A wins / ties / losses | mean A − B | W | p | p from |",
+             "|:---|:---|---:|:---:|---:|---:|---:|:---|"]
     for r in table.itertuples(index=False):
         w = MISSING if pd.isna(r.statistic) else f"{r.statistic:g}"
         p = MISSING if pd.isna(r.p_value) else f"{r.p_value:.3g}"
+        how = r.p_method or "no test (all differences 0)"
         lines.append(f"| {method_label(r.method_a)} | {method_label(r.method_b)} | {r.n_datasets} | "
-                     f"{r.wins} / {r.ties} / {r.losses} | {r.mean_diff:+.2f} | {w} | {p} |")
+                     f"{r.wins} / {r.ties} / {r.losses} | {r.mean_diff:+.2f} | {w} | {p} | {how} |")
     return "\n".join(lines) + "\n"
 
 
-def _ranks_markdown(a: RankAnalysis, image: Path | None) -> list[str]:
+def friedman_text(a: RankAnalysis) -> str:
+    """"Friedman χ²_F = ..., p = ...; Iman-Davenport ..." or why there is no Friedman test."""
     f = a.friedman
+    if f["chi2"] != f["chi2"]:
+        return f"Friedman test not computed ({a.friedman_reason()})"
+    return (f"Friedman χ²_F = {f['chi2']:.2f}, p = {f['p_value']:.3g}; Iman-Davenport F_F = "
+            f"{f['iman_davenport_f']:.2f}, p = {f['iman_davenport_p']:.3g}")
+
+
+def _ranks_markdown(a: RankAnalysis, image: Path | None) -> list[str]:
     ranks = ", ".join(f"{method_label(m)} {r:.2f}" for m, r in a.ranks.items())
-    test = (f"Friedman χ²_F = {f['chi2']:.2f}, p = {f['p_value']:.3g}; Iman-Davenport F_F = "
-            f"{f['iman_davenport_f']:.2f}, p = {f['iman_davenport_p']:.3g}" if f["chi2"] == f["chi2"]
-            else "Friedman test not computed (needs 3 or more methods)")
     groups = "; ".join("{" + ", ".join(method_label(m) for m in g) + "}" for g in a.groups) or "none"
-    parts = [f"Average ranks over {a.n_datasets} datasets (1 = best): {ranks}.", "",
-             f"{test}; Nemenyi CD = {a.cd:.2f} at α = {a.alpha:g}; not significantly different: {groups}.", ""]
-    if a.excluded:
-        parts += [f"Left out (missing some of the block's datasets): "
-                  f"{', '.join(method_label(m) for m in a.excluded)}.", ""]
+    parts = [f"Average ranks over the {a.n_datasets} datasets every ranked method has (1 = best): {ranks}.", "",
+             f"{friedman_text(a)}; Nemenyi CD = {a.cd:.2f} at α = {a.alpha:g}; not significantly different: "
+             f"{groups}.", ""]
+    left = left_out_lines(a)
+    if left:
+        parts += ["Left out, as ranks need every method on every dataset (chosen to keep the most method × "
+                  "dataset cells): " + "; ".join(left) + ".", ""]
     if image is not None:
         parts += [f"![{image.stem}]({image.name})", ""]
     return parts
@@ -106,13 +126,20 @@ def _ranks_markdown(a: RankAnalysis, image: Path | None) -> list[str]:
 
 INTRO = (
     "Seeds are independent few-shot draws. **CI**: mean ± sample std [95% Student-t confidence interval "
-    "of the mean over seeds, t with n−1 degrees of freedom] (seeds). **Paired**: method − reference on "
+    "of the mean over seeds, t with n−1 degrees of freedom] (seeds); an interval reaching below 0 or above "
+    "100 is shown clipped to [0, 100] and marked ‡ (the unclipped bounds are in stats_ci.csv, `clipped` = "
+    "true). **Paired**: method − reference on "
     "the seeds both share (the same support sets), mean difference [95% paired-t CI] (shared seeds); "
-    "**bold** = the interval excludes 0. **Across datasets**: seed-mean top-1 per dataset; Wilcoxon "
-    "signed-rank test per method pair (two-sided, unadjusted for multiplicity; with fewer than 6 "
+    "**bold** = the interval excludes 0 (p < 0.05); a difference equal on every seed has no interval "
+    "and no test and is never bold. **Across datasets**: seed-mean top-1 per dataset; Wilcoxon "
+    f"signed-rank test per method pair sharing 2 or more datasets (two-sided, {ZERO_RULE}; p exact "
+    "from the signed-rank distribution without ties or zeros, exact by enumerating all sign flips "
+    "with ties or zeros up to 13 datasets, else the normal approximation: the table says which; "
+    "unadjusted for multiplicity; with fewer than 6 "
     "datasets it cannot reach p < 0.05); average ranks, Friedman test and Nemenyi critical difference "
-    "(Demšar 2006). **Calibration**: top-1 / ECE (%, 15 equal-width confidence bins, mean over seeds; "
-    "n/a = not recorded or not applicable). See docs/statistics.md.")
+    "(Demšar 2006) on the datasets every ranked method has. **Calibration**: top-1 / ECE (%, 15 "
+    "equal-width confidence bins, mean over seeds; n/a = not recorded or not applicable). See "
+    "docs/statistics.md.")
 
 
 def statistics_markdown(df: pd.DataFrame, blocks: list[tuple[str, int]], reference: str | None,
@@ -129,7 +156,7 @@ def statistics_markdown(df: pd.DataFrame, blocks: list[tuple[str, int]], referen
             parts += [f"Paired difference vs {method_label(reference)} (95% paired-t CI):", "",
                       _grid(_block(paired, backbone, shots), _paired_text)]
         wil = wilcoxon_table(df, backbone, shots)
-        if not wil.empty and wil["n_datasets"].max() > 1:
+        if not wil.empty:
             parts += ["Wilcoxon signed-rank tests across datasets:", "", _wilcoxon_markdown(wil)]
         analysis = rank_analysis(df, backbone, shots)
         if analysis is not None:
@@ -164,7 +191,8 @@ def _ranks_frame(df: pd.DataFrame, blocks: list[tuple[str, int]]) -> pd.DataFram
             continue
         for method, rank in a.ranks.items():
             rows.append({"backbone": backbone, "shots": shots, "method": method, "average_rank": rank,
-                         "n_datasets": a.n_datasets, "cd": a.cd, "alpha": a.alpha, **a.friedman})
+                         "n_datasets": a.n_datasets, "cd": a.cd, "alpha": a.alpha, **a.friedman,
+                         "datasets": ";".join(a.datasets), "left_out": "; ".join(left_out_lines(a))})
     return pd.DataFrame(rows)
 
 
@@ -187,8 +215,8 @@ def cd_figures(df: pd.DataFrame, out: Path, blocks: list[tuple[str, int]], forma
             fig.savefig(stem.with_suffix(f".{ext}"), dpi=200, bbox_inches="tight")
             written.setdefault((backbone, shots), []).append(stem.with_suffix(f".{ext}"))
     if skipped:
-        notes.append(f"Critical-difference diagram skipped for {', '.join(skipped)}: needs 2 or more methods "
-                     "with results on 2 or more common datasets.")
+        notes.append(f"Critical-difference diagram skipped for {', '.join(skipped)}: no two methods have "
+                     "results on two common datasets.")
     return written
 
 

@@ -90,6 +90,20 @@ def method_colors(methods: Iterable[str]) -> dict[str, Any]:
     return colors
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def method_styles(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A marker and a line style per method (paper order), so that two methods with identical numbers
+    stay distinguishable where their colours and lines overlap; CLIP-LoRA keeps a solid line."""
+    styles = {}
+    for i, m in enumerate(order_methods(methods)):
+        styles[m] = {"marker": MARKERS[i % len(MARKERS)],
+                     "ls": "-" if m == HIGHLIGHT else LINESTYLES[(i // len(MARKERS) + i) % len(LINESTYLES)]}
+    return styles
+
+
 def rc(font_scale: float = 1.0) -> dict[str, Any]:
     """Matplotlib rc settings (seaborn "whitegrid" + "paper" context) for `plt.rc_context`.
 
@@ -133,7 +147,7 @@ def shared_legend(fig, axes, ncols: int = 4) -> None:
                ncols=ncols)
 
 
-PARTIAL_LABEL = "open marker: Average over fewer datasets"
+PARTIAL_LABEL = "open: partial Average"  # short, so the legend keeps its columns narrow
 
 
 def mark_partial_legend(ax) -> None:

@@ -18,11 +18,22 @@ from fsbench.report.compare import (
     paper_sections,
 )
 from fsbench.report.cost import cost_markdown, cost_table, plot_pareto
+from fsbench.report.curves import curve_cells, curves_markdown, plot_training_curves
 from fsbench.report.figures import plot_average_curves, plot_shots_curves
 from fsbench.report.protocols import protocol_csvs, protocol_figures, protocol_latex, protocol_markdown
 from fsbench.report.render import title, to_latex, to_markdown
 from fsbench.report.stats_report import resolve_reference, write_statistics
-from fsbench.report.tables import blocks, clean, is_fewshot, main_runs, main_table, summary
+from fsbench.report.tables import (
+    STD_LABELS,
+    blocks,
+    clean,
+    is_fewshot,
+    main_runs,
+    main_table,
+    missing_top1,
+    std_ddof,
+    summary,
+)
 from fsbench.results import slug
 
 FORMATS = ("md", "csv", "tex", "png", "pdf")
@@ -69,18 +80,19 @@ def _comparisons(df: pd.DataFrame, compare, notes: list[str]) -> tuple[pd.DataFr
 
 def _markdown(df: pd.DataFrame, comparison: pd.DataFrame | None, notes: list[str],
               images: list[Path], statistics: str = "", paper: PaperSections | None = None,
-              protocols: str = "") -> str:
+              protocols: str = "", std: str = "sample") -> str:
     """The whole report as Markdown: main tables (+ Δ paper), statistics, cost, figures, notes."""
     parts = ["# fsbench report", "",
-             "Top-1 accuracy (%) on the test split: mean ± sample std (ddof=1) over seeds, with the "
-             "number of seeds in parentheses; **bold** = best mean of the column; – = no result; "
-             "Average = mean over the block's datasets of the per-dataset means.", ""]
+             f"Top-1 accuracy (%) on the test split: mean ± {STD_LABELS[std]} over seeds, with the "
+             "number of seeds in parentheses ((2 of 3): a run of the cell has no top-1); **bold** = best "
+             "mean of the column; – = no result; Average = mean over the block's datasets of the "
+             "per-dataset means.", ""]
     current = None
     for backbone, shots in blocks(df):
         if backbone != current:
             parts += [f"## {backbone}", ""]
             current = backbone
-        table = main_table(df, backbone, shots)
+        table = main_table(df, backbone, shots, std=std)
         parts += [f"### {title(table)}", "", to_markdown(table)]
         if comparison is not None:
             wide = delta_table(comparison, backbone, shots)
@@ -91,6 +103,7 @@ def _markdown(df: pd.DataFrame, comparison: pd.DataFrame | None, notes: list[str
     parts += [protocols, ""] if protocols else []
     parts += [statistics, ""] if statistics else []
     parts += ["## Cost", "", cost_markdown(cost_table(df))] + ([paper.cost] if paper.cost else [])
+    parts += [curves_markdown(df)]
     if images:
         parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in images]
     if notes:
@@ -106,12 +119,12 @@ def _save_figure(fig, stem: Path, formats: list[str], written: list[Path]) -> No
             written.append(path)
 
 
-def _figures(df: pd.DataFrame, out: Path, formats: list[str], notes: list[str]) -> list[Path]:
+def _figures(df: pd.DataFrame, out: Path, formats: list[str], notes: list[str], std: str = "sample") -> list[Path]:
     """Figure 2 per backbone (+ the backbone-average figure), Figure 3, the Pareto plot."""
     written: list[Path] = []
     backbones = sorted(set(df["backbone"]))
     for backbone in backbones:
-        fig = plot_shots_curves(df, backbone)
+        fig = plot_shots_curves(df, backbone, std=std)
         if fig is not None:
             _save_figure(fig, out / f"fig2_shots_{slug(backbone)}", formats, written)
         fig = plot_ablation(df, backbone)
@@ -128,12 +141,15 @@ def _figures(df: pd.DataFrame, out: Path, formats: list[str], notes: list[str]) 
         notes.append("Pareto plot skipped: no run records a positive train_seconds.")
     else:
         _save_figure(fig, out / "pareto_accuracy_vs_time", formats, written)
+    for backbone, shots, dataset in curve_cells(df):
+        fig = plot_training_curves(df, backbone, shots, dataset)
+        _save_figure(fig, out / f"curves_{slug(backbone)}_{slug(dataset)}_{shots}shots", formats, written)
     return written
 
 
 def _csvs(df: pd.DataFrame, out: Path, comparison: pd.DataFrame | None,
-          more: dict[str, pd.DataFrame]) -> list[Path]:
-    cells = summary(df)
+          more: dict[str, pd.DataFrame], std: str = "sample") -> list[Path]:
+    cells = summary(df, std=std).assign(std_kind=std)
     cells["missing"] = cells["missing"].map(";".join)
     frames = {"main_table.csv": cells, "cost.csv": cost_table(df), **more}
     if comparison is not None:
@@ -143,9 +159,20 @@ def _csvs(df: pd.DataFrame, out: Path, comparison: pd.DataFrame | None,
     return [out / name for name in frames]
 
 
+def _warn_missing_top1(df: pd.DataFrame, warn) -> None:
+    """One line naming the runs with status "ok" but no top-1 (NaN or null): they are not averaged."""
+    bad = missing_top1(df)
+    if bad.empty:
+        return
+    runs = ", ".join(f"{r.method} {r.backbone} {r.dataset} {r.shots} shots seed {r.seed}"
+                     for r in bad.itertuples(index=False))
+    warn(f"{len(bad)} run(s) with status 'ok' have no top-1 (NaN or null) and are left out of every mean; "
+         f"their cells show 'n of runs': {runs}")
+
+
 def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare=None,
                  backbones: list[str] | None = None, notes: list[str] | None = None,
-                 reference_method: str | None = None) -> list[Path]:
+                 reference_method: str | None = None, std: str = "sample", warn=None) -> list[Path]:
     """Write tables (md, csv, tex) and figures (png, pdf) of `df` under `out_dir`.
 
     Args:
@@ -156,35 +183,40 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
         notes: if a list is given, what was skipped and why is appended to it.
         reference_method: the method the paired differences are taken against (default "lora" when
             it has results); a method without results is a ConfigError.
+        std: the "±" of the main tables and Figure 2's band: "sample" (ddof=1) or "population" (ddof=0).
+        warn: receives one line per problem a reader must know (runs "ok" without a top-1); default: notes.
     Returns the written paths.
     """
     formats, notes = parse_formats(formats), (notes if notes is not None else [])
+    std_ddof(std)
     df = select_backbones(df[df["status"] == "ok"], backbones)
     fewshot = is_fewshot(df)
     others = df[~fewshot]  # base2new, cross_dataset, ...: their own tables
-    df = clean(df[fewshot])  # the paper's tables, figures, cost and statistics: few-shot only
-    if df.empty and others.empty:
+    df = df[fewshot]  # the paper's tables, figures, cost and statistics: few-shot only
+    _warn_missing_top1(df, warn or notes.append)
+    if clean(df).empty and others.empty:
         raise ConfigError("no finished runs to report (no result with status 'ok')")
-    variants = len(df) - len(main_runs(df))
+    variants = len(clean(df)) - len(main_runs(df))
     if variants:
         notes.append(f"{variants} LoRA ablation runs (own method labels) are shown in Figure 3 only.")
     reference = resolve_reference(df, reference_method)
     comparison, paper = _comparisons(df, compare, notes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = _csvs(df, out, comparison, {**paper.frames, **protocol_csvs(others)}) if "csv" in formats else []
+    more = {**paper.frames, **protocol_csvs(others)}
+    written = _csvs(df, out, comparison, more, std) if "csv" in formats else []
     if "tex" in formats:
-        tex = "\n".join(to_latex(main_table(df, b, s)) for b, s in blocks(df)) + protocol_latex(others)
+        tex = "\n".join(to_latex(main_table(df, b, s, std=std)) for b, s in blocks(df)) + protocol_latex(others)
         (out / "tables.tex").write_text("% needs \\usepackage{booktabs,graphicx}\n" + tex)
         written.append(out / "tables.tex")
-    written += _figures(df, out, formats, notes) if {"png", "pdf"} & set(formats) else []
+    written += _figures(df, out, formats, notes, std) if {"png", "pdf"} & set(formats) else []
     for stem, fig in protocol_figures(others) if {"png", "pdf"} & set(formats) else []:
         _save_figure(fig, out / stem, formats, written)
     statistics, stats_files = write_statistics(df, out, formats, reference, notes)
     if "md" in formats:
         images = [p for p in written if p.suffix == ".png"]
         (out / "report.md").write_text(_markdown(df, comparison, notes, images, statistics, paper,
-                                                 protocol_markdown(others)))
+                                                 protocol_markdown(others), std))
         written.append(out / "report.md")
     written += stats_files
     return written
