@@ -226,6 +226,15 @@ def _protocol_columns(block: pd.DataFrame, protocol: str) -> list[tuple[str, str
             + [(f"{AVERAGE}/top1", "Average", "top1")])
 
 
+PROTOCOL_NOTES = {
+    "base2new": "Base, New and H (%): mean ± sample std over seeds (seeds); the Average's Base and New are means "
+                "over the datasets and its H is that of the Average Base and New (CoCoOp); n/a = the method cannot "
+                "produce the number (hover for the reason); † = Average over fewer datasets.",
+    "transfer": "Top-1 (%): mean ± sample std over seeds (seeds); Average over the targets (the source excluded); "
+                "‡ = source cell from the few-shot run of the same method and shots; n/a = not applicable.",
+}
+
+
 def protocol_board(others: pd.DataFrame, protocol: str, drill: Drill, fewshot: pd.DataFrame) -> Board | None:
     """A leaderboard of another protocol: a row per (backbone, shots, method, source), cells of
     `protocol_summary` (the numbers of report.md's protocol tables)."""
@@ -258,6 +267,7 @@ def protocol_board(others: pd.DataFrame, protocol: str, drill: Drill, fewshot: p
                 f", fitted on {protocol_label(source)}" if source else "")
             row["cells"][key] = _protocol_cell(r, title, drill, cell_runs, FEWSHOT if r and r["fallback"] else protocol)
         board.rows.append(row)
+    board.notes = [PROTOCOL_NOTES[protocol if protocol == "base2new" else "transfer"]]
     return board
 
 
@@ -426,11 +436,22 @@ def caption(stem: str) -> str:
     return stem.replace("_", " ")
 
 
-def figure_html(path: Path) -> str:
-    """A <figure> with the PNG inlined as base64 (the page stays one file)."""
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    text = caption(Path(path).stem)
-    return (f'<figure id="fig-{esc(Path(path).stem)}"><img alt="{esc(text)}" src="data:image/png;base64,{data}">'
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk; (0, 0) when `data` is not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        return 0, 0
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def figure_html(path: Path, dpi: int = 200) -> str:
+    """A <figure> with the PNG inlined as base64 (the page stays one file), shown at its size in inches
+    (the report saves figures at 200 dpi; shown at 120 CSS px per inch), never wider than the page."""
+    raw = Path(path).read_bytes()
+    data, text = base64.b64encode(raw).decode("ascii"), caption(Path(path).stem)
+    width, height = (round(v * 120 / dpi) for v in png_size(raw))
+    size = f' width="{width}" height="{height}"' if width and height else ""
+    return (f'<figure id="fig-{esc(Path(path).stem)}"><img alt="{esc(text)}"{size} '
+            f'src="data:image/png;base64,{data}">'
             f"<figcaption>{esc(text)} <span class=\"file\">({esc(Path(path).name)})</span></figcaption></figure>")
 
 
@@ -461,7 +482,7 @@ def _filters(boards: list[Board]) -> str:
         options = "".join(f'<option value="{esc(v)}">{esc(labels.get(name, str)(v))}</option>' for v in values[name])
         parts.append(f'<label>{name.capitalize()} <select id="filter-{name}" data-filter="{name}">'
                      f'<option value="">all</option>{options}</select></label>')
-    parts.append('<label>Method <input id="filter-method" type="search" placeholder="name contains"></label>'
+    parts.append('<label>Method <input id="filter-method" type="search" placeholder="contains"></label>'
                  '<button type="button" id="filter-reset">Reset</button><span id="counter" aria-live="polite"></span>')
     return f'<div class="filters" role="search">{"".join(parts)}</div>'
 
@@ -572,9 +593,10 @@ header h1{margin:8px 0 2px;font-size:24px}
 nav{position:sticky;top:0;z-index:2;background:rgba(255,255,255,.96);border-bottom:1px solid var(--line);padding:6px 0}
 nav a{margin-right:16px;color:var(--accent);text-decoration:none;font-weight:600}
 nav a:hover{text-decoration:underline}
+section,h2,h3{scroll-margin-top:44px}
 h2{font-size:20px;border-bottom:1px solid var(--line);padding-bottom:4px;margin:28px 0 8px}
 h3{font-size:16px;margin:18px 0 4px}
-.filters{display:flex;flex-wrap:wrap;gap:8px 18px;align-items:center;background:var(--head);
+.filters{display:flex;flex-wrap:wrap;gap:8px 12px;align-items:center;background:var(--head);
 border:1px solid var(--line);border-radius:6px;padding:8px 12px;margin:8px 0 4px}
 .filters label{font-weight:600;color:var(--muted)}
 select,input,button{font:inherit;margin-left:4px}
@@ -603,6 +625,7 @@ figcaption,.note{color:var(--muted);font-size:13px}
 .note{margin:2px 0 4px}
 .file,.n{color:#8c959f}
 select{max-width:14em}
+input[type=search]{width:9em}
 code{background:var(--head);padding:0 3px;border-radius:3px;font-size:90%}
 dialog{border:1px solid var(--line);border-radius:8px;max-width:min(1150px,95vw);padding:14px 20px;
 box-shadow:0 8px 30px rgba(0,0,0,.2)}
@@ -657,7 +680,7 @@ JS = r"""
       if (tr.closest("table.leaderboard")) { total += 1; shown += ok ? 1 : 0; }
     });
     all("section.board").forEach(function (s) { s.hidden = all("tbody tr:not([hidden])", s).length === 0; });
-    document.getElementById("counter").textContent = shown + " of " + total + " leaderboard rows";
+    document.getElementById("counter").textContent = shown + " of " + total + " rows";
   }
   function openDrill(id) {
     var cell = DATA[id], dialog = document.getElementById("drill");
