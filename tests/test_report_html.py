@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from fsbench.report import write_report
-from fsbench.report.html import base_method, method_family
+from fsbench.report.html import base_method, colour_paper_deltas, markdown_html, method_family
 from fsbench.results import Result, load_results, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +236,15 @@ def test_compare_shows_coloured_deltas(store, page):
         assert re.search(rf'<span class="delta {sign}" style="--s:[0-9.]+" title="published {published:.1f} '
                          rf'\(test T9\)">{re.escape(f"{delta:+.1f}")}</span>', text), (method, dataset)
     assert text.count('class="delta ') == len(REFERENCE)
+
+
+def test_figure3_deltas_are_coloured_in_the_paper_section():
+    rows = ["| Variant | ImageNet |", "|:---|:---:|", "| lora@qv | 71.2 (−0.3) |", "| lora@q | 70.0 (+2.5) |",
+            "| lora@v | – |"]
+    out = colour_paper_deltas(markdown_html("\n".join(rows), {}))
+    assert re.search(r'71\.2 <span class="delta neg" style="--s:0\.06" title="[^"]+">−0\.3</span></td>', out)
+    assert re.search(r'70\.0 <span class="delta pos" style="--s:0\.50" title="[^"]+">\+2\.5</span></td>', out)
+    assert out.count('class="delta') == 2
 
 
 def test_protocol_leaderboards_and_sections(page):

@@ -68,9 +68,10 @@ def method_family(method: str) -> str:
 # --- drill-down: the runs behind a cell ---------------------------------------------------------------
 
 def _run_key(protocol, method, backbone, dataset, source, shots, seed, config_hash) -> tuple:
+    """What identifies a stored run, as the store names it (the frame's "[cfg ...]" label suffix dropped)."""
     source = "" if source is None or source != source else canonical_dataset(str(source))
-    return (str(protocol or FEWSHOT), base_method(method), str(backbone), canonical_dataset(str(dataset)), source,
-            int(shots), int(seed), str(config_hash or ""))
+    return (str(protocol or FEWSHOT), VARIANT.sub("", str(method)), str(backbone), canonical_dataset(str(dataset)),
+            source, int(shots), int(seed), str(config_hash or ""))
 
 
 def result_paths(results_dir: str | Path | None) -> dict[tuple, str]:
@@ -94,7 +95,7 @@ def _path(row: dict, paths: dict[tuple, str]) -> str:
         return paths[key]
     protocol, source = key[0], key[4]
     folder = "" if protocol == FEWSHOT else (f"{protocol}-from-{source}" if source else protocol)
-    return str(result_path("", base_method(row["method"]), row["backbone"], row["dataset"], int(row["shots"]),
+    return str(result_path("", key[1], row["backbone"], row["dataset"], int(row["shots"]),
                            int(row["seed"]), folder))
 
 
@@ -278,16 +279,34 @@ def esc(text) -> str:
     return html.escape(str(text), quote=True)
 
 
+def delta_badge(delta: float, title: str = "", text: str | None = None) -> str:
+    """A coloured reproduced − published badge: green above, red below, grey within ±0.05; stronger
+    colour for larger gaps (full at 5 points)."""
+    sign = "pos" if delta > 0.05 else "neg" if delta < -0.05 else "zero"
+    hint = f' title="{esc(title)}"' if title else ""
+    return (f'<span class="delta {sign}" style="--s:{min(abs(delta) / 5.0, 1.0):.2f}"{hint}>'
+            f"{esc(text if text is not None else f'{delta:+.1f}')}</span>")
+
+
+PAPER_DELTA = re.compile(r"(<td[^>]*>[^<]*?)\(([+\u2212])(\d+(?:\.\d+)?)\)(</td>)")
+
+
+def colour_paper_deltas(section: str) -> str:
+    """The Δ-vs-paper section's table cells "71.2 (−0.3)" with the delta as a coloured badge."""
+    def badge(m: re.Match) -> str:
+        value = float(m.group(3)) * (-1 if m.group(2) == "\u2212" else 1)
+        return m.group(1) + delta_badge(value, "reproduced − published", m.group(2) + m.group(3)) + m.group(4)
+
+    return PAPER_DELTA.sub(badge, section)
+
+
 def _cell_html(cell: Cell) -> str:
     value = "" if cell.value is None else f"{cell.value:.6g}"
     attrs = f' data-v="{value}"' + (f' title="{esc(cell.title)}"' if cell.title else "")
     classes = ["num"] + (["best"] if cell.best else []) + (["drill"] if cell.drill else [])
     body = re.sub(r" \((\d+)\)$", r' <span class="n">(\1)</span>', esc(cell.text))  # the seed count, muted
     if cell.delta is not None:
-        sign = "pos" if cell.delta > 0.05 else "neg" if cell.delta < -0.05 else "zero"
-        strength = min(abs(cell.delta) / 5.0, 1.0)
-        body += (f' <span class="delta {sign}" style="--s:{strength:.2f}" title="{esc(cell.published)}">'
-                 f"{cell.delta:+.1f}</span>")
+        body += " " + delta_badge(cell.delta, cell.published)
     if cell.drill:
         attrs += f' data-cell="{cell.drill}" tabindex="0"'
     return f'<td class="{" ".join(classes)}"{attrs}>{body}</td>'
@@ -535,7 +554,7 @@ def report_html(df: pd.DataFrame, others: pd.DataFrame | None = None, comparison
             _section("leaderboards", "Leaderboards", (_filters(boards) + "".join(board_html(b) for b in boards))
                      if boards else '<p class="note">No finished runs.</p>'),
             _section("protocol-tables", "", protocols),
-            _section("paper", "", markdown_html(sections.paper, figures)),
+            _section("paper", "", colour_paper_deltas(markdown_html(sections.paper, figures))),
             _section("statistics", "", markdown_html(sections.statistics, figures)),
             _section("cost", "Cost", cost)]
     rest = loose("")
