@@ -20,7 +20,8 @@ def report(
     backbone: Annotated[list[str] | None, typer.Option(
         "--backbone", help="Only this backbone (repeatable).")] = None,
     formats: Annotated[str, typer.Option(
-        "--format", help="Comma-separated outputs among md,csv,tex,png,pdf.")] = "md,csv,tex,png,pdf",
+        "--format", help="Comma-separated outputs among md,csv,tex,png,pdf,html (html: one self-contained "
+                          "report.html, figures inlined).")] = "md,csv,tex,png,pdf,html",
     compare: Annotated[str | None, typer.Option(
         "--compare", help='"paper" (every number of the CLIP-LoRA paper: Tables 1-5, Figure 3) or a '
                           'reference CSV of top-1 cells.')] = None,
@@ -55,7 +56,7 @@ def report(
     df = select_backbones(df, backbone)
     notes: list[str] = []
     written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method,
-                           std=std, warn=warn)
+                           std=std, warn=warn, results_dir=results)
     for b, s in blocks(df):
         console.print(to_rich(main_table(df, b, s, std=std)))
     for note in notes:

@@ -36,7 +36,7 @@ from fsbench.report.tables import (
 )
 from fsbench.results import slug
 
-FORMATS = ("md", "csv", "tex", "png", "pdf")
+FORMATS = ("md", "csv", "tex", "png", "pdf", "html")
 
 
 def parse_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -172,12 +172,14 @@ def _warn_missing_top1(df: pd.DataFrame, warn) -> None:
 
 def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare=None,
                  backbones: list[str] | None = None, notes: list[str] | None = None,
-                 reference_method: str | None = None, std: str = "sample", warn=None) -> list[Path]:
-    """Write tables (md, csv, tex) and figures (png, pdf) of `df` under `out_dir`.
+                 reference_method: str | None = None, std: str = "sample", warn=None,
+                 results_dir: str | Path | None = None) -> list[Path]:
+    """Write tables (md, csv, tex), figures (png, pdf) and the results page (html) of `df` under `out_dir`.
 
     Args:
         df: the results frame (`fsbench.load_results`); rows whose status is not "ok" are ignored.
-        formats: subset of md, csv, tex, png, pdf (a list or "md,csv").
+        formats: subset of md, csv, tex, png, pdf, html (a list or "md,csv"); html embeds the PNG
+            figures, so it writes them too.
         compare: None, "paper" (the shipped CLIP-LoRA reference), a CSV path or a frame.
         backbones: restrict to these backbones.
         notes: if a list is given, what was skipped and why is appended to it.
@@ -185,10 +187,12 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
             it has results); a method without results is a ConfigError.
         std: the "±" of the main tables and Figure 2's band: "sample" (ddof=1) or "population" (ddof=0).
         warn: receives one line per problem a reader must know (runs "ok" without a top-1); default: notes.
+        results_dir: the store `df` was loaded from: report.html names each run's result file in it.
     Returns the written paths.
     """
     formats, notes = parse_formats(formats), (notes if notes is not None else [])
     std_ddof(std)
+    formats += ["png"] if "html" in formats and "png" not in formats else []  # the page inlines the PNGs
     df = select_backbones(df[df["status"] == "ok"], backbones)
     fewshot = is_fewshot(df)
     others = df[~fewshot]  # base2new, cross_dataset, ...: their own tables
@@ -219,4 +223,10 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
                                                  protocol_markdown(others), std))
         written.append(out / "report.md")
     written += stats_files
+    if "html" in formats:
+        from fsbench.report.html import Sections, write_html
+
+        sections = Sections(statistics, protocol_markdown(others), paper.main, paper.cost, notes,
+                            [p for p in written if p.suffix == ".png"])
+        written.append(write_html(out / "report.html", df, others, comparison, sections, results_dir))
     return written
