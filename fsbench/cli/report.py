@@ -9,11 +9,13 @@ import typer
 from rich.markup import escape
 
 from fsbench.cli.app import app, console, err_console
+from fsbench.cli.plugins import PluginCommand
 from fsbench.errors import ConfigError
 from fsbench.io import ensure_writable
+from fsbench.registry import load_plugin
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def report(
     results: Annotated[Path, typer.Option("--results", help="Results store to read.")] = Path("results/runs"),
     out: Annotated[Path, typer.Option("--out", help="Folder the report is written to.")] = Path("results/report"),
@@ -26,15 +28,21 @@ def report(
                           'reference CSV of top-1 cells.')] = None,
     reference_method: Annotated[str | None, typer.Option(
         "--reference-method", help="Method the paired differences are taken against (default: lora).")] = None,
+    plugin: Annotated[list[Path] | None, typer.Option(
+        "--plugin", help="Python file registering protocols (or methods): their results get their own tables "
+                         "(repeatable).")] = None,
 ) -> None:
     """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), statistics (confidence
     intervals, paired differences, Wilcoxon tests, critical-difference diagrams, ECE), cost and Pareto plot;
-    base-to-new, cross-dataset and domain-generalisation tables and a Base-vs-New figure for those protocols."""
+    for every other protocol in the results, its tables as its metadata says (those listed below; results of a
+    protocol not registered here get a generic table and a note)."""
     from fsbench.report import main_table, to_rich, write_report
     from fsbench.report.tables import blocks
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
 
+    for path in plugin or []:
+        load_plugin(path)
     formats = parse_formats(formats)
     ensure_writable(str(out), "--out DIR")  # a file in the way, a read-only folder: one line, before any work
     if not results.is_dir():
