@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,10 @@ def test_plugin_protocol_runs_and_reaches_every_report_output(tmp_path, syntheti
     assert "wholeval" in out and "top1 (Top-1)" in out
     assert main(["report", "--plugin", str(PLUGIN), "--help"]) == 0
     assert "wholeval: Few-shot, whole validation split (top1)" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_docs_worked_example_is_the_plugin():
+    """docs/protocols.md, "Add a protocol", shows exactly the file this module runs."""
+    docs = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
+    block = re.search(r"<!-- protocol-plugin -->\n```python\n(.*?)```", docs, re.S)
+    assert block and block.group(1) == PLUGIN.read_text()
