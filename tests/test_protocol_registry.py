@@ -152,6 +152,17 @@ def test_metadata_renders_a_table(name):
         assert shown in text
 
 
+@pytest.mark.parametrize("name", PROTOCOLS.names())
+def test_metadata_is_consistent(name):
+    """What a protocol declares for reports names metrics it stores; `ls protocols` and the help show them."""
+    cls = PROTOCOLS.get(name)
+    infos = metric_infos(cls)
+    names = [m.name for m in infos]
+    assert cls.summary and cls.title and cls.headline in cls.metric_names
+    assert set(names) == set(cls.metric_names) and len(names) == len(set(names))
+    assert all(set(m.of) <= set(names) - {m.name} for m in infos)
+
+
 class _Online(Protocol):
     """A protocol with metric names no report knows: only `metric_names`, no display metadata."""
 

@@ -46,8 +46,9 @@ def _protocols() -> Table:
     from fsbench.protocols import PROTOCOLS, metric_infos
 
     table = Table(title="protocols (fsbench run --protocol NAME; docs/protocols.md)")
-    for col in ("name", "version", "metrics", "report table", "what"):
-        table.add_column(col, overflow="fold")
+    table.add_column("name", no_wrap=True)  # a name is what users type: never folded
+    for col in ("version", "metrics", "report table", "what"):
+        table.add_column(col)
     for name in PROTOCOLS.names():
         cls = PROTOCOLS.get(name)
         metrics = ", ".join(f"{m.name} ({m.label})" for m in metric_infos(cls))
