@@ -48,7 +48,7 @@ def _protocols() -> Table:
     table = Table(title="protocols (fsbench run --protocol NAME; docs/protocols.md)")
     table.add_column("name", no_wrap=True)  # a name is what users type: never folded
     for col in ("version", "metrics", "report table", "what"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # long words fold rather than lose letters
     for name in PROTOCOLS.names():
         cls = PROTOCOLS.get(name)
         metrics = ", ".join(f"{m.name} ({m.label})" for m in metric_infos(cls))
