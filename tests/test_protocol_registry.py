@@ -30,15 +30,17 @@ from datagen import (
 
 from fsbench.cli import main
 from fsbench.data import DATASETS, DatasetSplits, load_dataset
-from fsbench.method import FewShotData, Method, register_method
+from fsbench.method import METHODS, FewShotData, Method
 from fsbench.protocols import PROTOCOLS, MetricInfo, Protocol, TableShape, make_protocol, metric_infos
 from fsbench.registry import load_plugin
 from fsbench.report import write_report
 from fsbench.report.protocols import grid_latex, grid_markdown, grids_of, protocol_summary
 from fsbench.splits import draw_split
 
-PLUGIN = Path(__file__).parent / "plugins" / "protocol_wholeval.py"
-load_plugin(PLUGIN)  # registers "wholeval" before the parametrised lists below are built
+PLUGINS = Path(__file__).parent / "plugins"
+PLUGIN = PLUGINS / "protocol_wholeval.py"
+for _path in sorted(PLUGINS.glob("protocol_*.py")):  # every protocol plug-in written as a test fixture,
+    load_plugin(_path)  # registered before the parametrised lists below are built
 VAL_SEEN: list[int] = []
 
 
@@ -210,9 +212,9 @@ def test_metric_metadata_is_checked():
 # ---- the plug-in, end to end: fsbench run / report / ls with --plugin -----------------------------------
 
 
-@register_method("val_recorder")
 class ValRecorder(Method):
-    """Records how many validation images `fit` is given, then scores like zero-shot."""
+    """Records how many validation images `fit` is given, then scores like zero-shot (registered only
+    during the test that uses it, so that no other test's list of methods holds it)."""
 
     input_kind = "features"
     paper = "test plugin"
@@ -228,6 +230,8 @@ class ValRecorder(Method):
 def test_plugin_protocol_runs_and_reaches_every_report_output(tmp_path, synthetic_root, synthetic, capsys,
                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ValRecorder, "name", "val_recorder")
+    monkeypatch.setitem(METHODS._items, "val_recorder", ValRecorder)
     VAL_SEEN.clear()
     rc = main(["run", "--plugin", str(PLUGIN), "--protocol", "wholeval", "--method", "val_recorder,zero_shot",
                "--backbone", "test-tiny", "--dataset", "synthetic", "--shots", "2", "--seed", "1,2",
@@ -251,11 +255,11 @@ def test_plugin_protocol_runs_and_reaches_every_report_output(tmp_path, syntheti
     cell = csv[(csv["method"] == "zero_shot") & (csv["dataset"] == "synthetic")].iloc[0]
     assert cell["mean"] == pytest.approx(top1.mean(), abs=1e-4) and cell["n"] == 2
 
-    monkeypatch.delitem(PROTOCOLS._items, "wholeval")  # as if the plug-in was not loaded: still reported
-    assert main(["report", "--results", "results/runs", "--out", "bare", "--format", "md"]) == 0
+    with monkeypatch.context() as unloaded:  # as if the plug-in was not loaded: still reported, with a note
+        unloaded.delitem(PROTOCOLS._items, "wholeval")
+        assert main(["report", "--results", "results/runs", "--out", "bare", "--format", "md"]) == 0
     assert "Protocol 'wholeval' is not registered" in capsys.readouterr().out.replace("\n", " ")
     assert "## wholeval" in (tmp_path / "bare/report.md").read_text()
-    monkeypatch.undo()
 
     assert main(["ls", "protocols", "--plugin", str(PLUGIN)]) == 0
     out = capsys.readouterr().out
