@@ -246,6 +246,7 @@ def test_plugin_protocol_runs_and_reaches_every_report_output(tmp_path, syntheti
 
     assert main(["report", "--plugin", str(PLUGIN), "--results", "results/runs", "--out", "report",
                  "--format", "md,csv,tex"]) == 0
+    assert "Few-shot, whole validation split" in capsys.readouterr().out  # the terminal shows its table too
     md, tex = (tmp_path / "report/report.md").read_text(), (tmp_path / "report/tables.tex").read_text()
     top1 = np.array([r["top1"] for r in stored if r["method"] == "zero_shot"])
     assert "## Few-shot, whole validation split" in md and "Validation on every image of the val split." in md

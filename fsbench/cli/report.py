@@ -37,6 +37,7 @@ def report(
     for every other protocol in the results, its tables as its metadata says (those listed below; results of a
     protocol not registered here get a generic table and a note)."""
     from fsbench.report import main_table, to_rich, write_report
+    from fsbench.report.protocols import grid_rich, protocol_grids
     from fsbench.report.tables import blocks
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
@@ -56,6 +57,8 @@ def report(
     written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method)
     for b, s in blocks(df):
         console.print(to_rich(main_table(df, b, s)))
+    for _, grid in protocol_grids(df):  # every other protocol's tables, as the report writes them
+        console.print(grid_rich(grid))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"wrote {len(written)} files to {out}", highlight=False)

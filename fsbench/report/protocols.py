@@ -404,6 +404,18 @@ def grid_markdown(grid: Grid) -> str:
     return "\n".join(lines + ([""] + grid.notes if grid.notes else [])) + "\n"
 
 
+
+def grid_rich(grid: Grid):
+    """A `rich.table.Table` of a `Grid` for the terminal (`fsbench report`), footnotes as its caption."""
+    from rich.table import Table
+
+    table = Table(title=grid.title, caption="\n".join(grid.notes) or None, caption_justify="left")
+    for i, name in enumerate(grid.header):
+        table.add_column(name, justify="left" if i < grid.labels else "right", overflow="fold")
+    for i, row in enumerate(grid.rows):
+        table.add_row(*row, end_section=i in grid.rules)
+    return table
+
 def _latex_cell(text: str) -> str:
     text = latex_escape(text).replace("±", r"$\pm$").replace(MISSING, "--").replace("↓", r"$\downarrow$")
     return text.replace(DAGGER, r"$^\dagger$").replace(DDAGGER, r"$^\ddagger$")
