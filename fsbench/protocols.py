@@ -122,7 +122,7 @@ class MetricInfo:
         average: how the Average over datasets is formed: "mean" of the per-dataset means,
             "hm_of_averages" (the harmonic mean of the Averages of `of`: CoCoOp's H), or "none".
         of: the two metrics a harmonic-mean rule combines; a seed that stores no value gets it from them.
-        help: one sentence for the report's section and `fsbench ls protocols`.
+        help: one sentence for the protocol's section of the report.
     """
 
     name: str
@@ -136,7 +136,7 @@ class MetricInfo:
     def __post_init__(self):
         if self.seeds not in SEED_RULES or self.average not in AVERAGE_RULES:
             raise ValueError(f"metric {self.name!r}: seeds must be one of {SEED_RULES}, average one of {AVERAGE_RULES}")
-        if "hm" in self.seeds + self.average and len(self.of) != 2:
+        if (self.seeds == "hm_of_means" or self.average == "hm_of_averages") and len(self.of) != 2:
             raise ValueError(f"metric {self.name!r}: a harmonic-mean rule needs the two metrics it combines in `of`")
 
     @property
@@ -181,7 +181,7 @@ def metric_infos(cls: type[Protocol]) -> tuple[MetricInfo, ...]:
 
 
 def describe(cls: type[Protocol]) -> str:
-    """One line for help texts: "base2new: Base-to-new generalisation (base, new, hm): fit on ..."."""
+    """One line for help texts: "base2new: Base-to-new generalisation (base, new, hm); fit on ..."."""
     names = ", ".join(m.name for m in metric_infos(cls))
     return f"{cls.name}: {cls.title or cls.name} ({names}); {cls.summary}".rstrip("; ")
 
@@ -197,7 +197,7 @@ class Protocol:
     headline: ClassVar[str] = "top1"
     summary: ClassVar[str] = ""
     source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
-    # what reports show (fsbench.report.protocols reads these; see MetricInfo and TableShape below)
+    # what reports show (fsbench.report.protocols reads these; see MetricInfo and TableShape)
     title: ClassVar[str] = ""  # the report section's title (the name when empty)
     metric_info: ClassVar[tuple[MetricInfo, ...]] = ()  # display and aggregation of `metric_names`
     table: ClassVar[TableShape] = TableShape()  # methods x datasets, the Average over them
