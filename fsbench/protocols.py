@@ -195,12 +195,12 @@ class Protocol:
     version: ClassVar[int] = 1
     metric_names: ClassVar[tuple[str, ...]] = ("top1",)
     headline: ClassVar[str] = "top1"
-    summary: ClassVar[str] = ""
-    source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
     # what reports show (fsbench.report.protocols reads these; see MetricInfo and TableShape)
     title: ClassVar[str] = ""  # the report section's title (the name when empty)
     metric_info: ClassVar[tuple[MetricInfo, ...]] = ()  # display and aggregation of `metric_names`
     table: ClassVar[TableShape] = TableShape()  # methods x datasets, the Average over them
+    summary: ClassVar[str] = ""
+    source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
 
     def __init__(self, targets: tuple[str, ...] = ()):
         self.target_names = tuple(targets)
