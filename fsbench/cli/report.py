@@ -21,6 +21,9 @@ def report(
     out: Annotated[Path, typer.Option("--out", help="Folder the report is written to.")] = Path("results/report"),
     backbone: Annotated[list[str] | None, typer.Option(
         "--backbone", help="Only this backbone (repeatable).")] = None,
+    plugin: Annotated[list[Path] | None, typer.Option(
+        "--plugin", help="Python file registering protocols (or methods): their results get their own tables "
+                         "(repeatable).")] = None,
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated outputs among md,csv,tex,png,pdf.")] = "md,csv,tex,png,pdf",
     compare: Annotated[str | None, typer.Option(
@@ -28,16 +31,12 @@ def report(
                           'reference CSV of top-1 cells.')] = None,
     reference_method: Annotated[str | None, typer.Option(
         "--reference-method", help="Method the paired differences are taken against (default: lora).")] = None,
-    plugin: Annotated[list[Path] | None, typer.Option(
-        "--plugin", help="Python file registering protocols (or methods): their results get their own tables "
-                         "(repeatable).")] = None,
 ) -> None:
     """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), statistics (confidence
     intervals, paired differences, Wilcoxon tests, critical-difference diagrams, ECE), cost and Pareto plot;
     for every other protocol in the results, its tables as its metadata says (those listed below; results of a
     protocol not registered here get a generic table and a note)."""
     from fsbench.report import main_table, to_rich, write_report
-    from fsbench.report.protocols import grid_rich, protocol_grids
     from fsbench.report.tables import blocks
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
@@ -57,8 +56,18 @@ def report(
     written = write_report(df, out, formats, compare=compare, notes=notes, reference_method=reference_method)
     for b, s in blocks(df):
         console.print(to_rich(main_table(df, b, s)))
-    for _, grid in protocol_grids(df):  # every other protocol's tables, as the report writes them
-        console.print(grid_rich(grid))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    _print_protocols(df)
     console.print(f"wrote {len(written)} files to {out}", highlight=False)
+
+
+def _print_protocols(df) -> None:
+    """Every other protocol's tables, as the report writes them, and a note per protocol whose plug-in is not
+    loaded (its results are in a generic table)."""
+    from fsbench.report.protocols import grid_rich, protocol_grids, protocol_notes
+
+    for _, grid in protocol_grids(df):
+        console.print(grid_rich(grid))
+    for note in protocol_notes(df):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

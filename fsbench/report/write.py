@@ -19,13 +19,7 @@ from fsbench.report.compare import (
 )
 from fsbench.report.cost import cost_markdown, cost_table, plot_pareto
 from fsbench.report.figures import plot_average_curves, plot_shots_curves
-from fsbench.report.protocols import (
-    protocol_csvs,
-    protocol_figures,
-    protocol_latex,
-    protocol_markdown,
-    protocol_notes,
-)
+from fsbench.report.protocols import protocol_csvs, protocol_figures, protocol_latex, protocol_markdown
 from fsbench.report.render import title, to_latex, to_markdown
 from fsbench.report.stats_report import resolve_reference, write_statistics
 from fsbench.report.tables import blocks, clean, is_fewshot, main_runs, main_table, summary
@@ -167,11 +161,10 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
     formats, notes = parse_formats(formats), (notes if notes is not None else [])
     df = select_backbones(df[df["status"] == "ok"], backbones)
     fewshot = is_fewshot(df)
-    others = df[~fewshot]  # every other protocol, plug-ins' and unregistered ones included: their own tables
+    others = df[~fewshot]  # base2new, cross_dataset, ...: their own tables
     df = clean(df[fewshot])  # the paper's tables, figures, cost and statistics: few-shot only
     if df.empty and others.empty:
         raise ConfigError("no finished runs to report (no result with status 'ok')")
-    notes += protocol_notes(others)  # a protocol whose plug-in is not loaded: a generic table, said once
     variants = len(df) - len(main_runs(df))
     if variants:
         notes.append(f"{variants} LoRA ablation runs (own method labels) are shown in Figure 3 only.")
