@@ -123,6 +123,89 @@ class Episode:
     val_split: str = "val"
 
 
+# ---- what reports need to know: metrics and table shape, as data ------------------------------------------
+SEED_RULES = ("mean", "hm_of_means")
+AVERAGE_RULES = ("mean", "hm_of_averages", "none")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How a report shows and aggregates one metric of a protocol (lm-eval's `higher_is_better` /
+    `aggregation`, as data).
+
+    Attributes:
+        name: the key in a result's `metrics`.
+        display: column header ("H"); the name when empty.
+        higher_is_better: False marks the header with "↓".
+        seeds: how a cell aggregates seeds: "mean" (mean ± sample std), or "hm_of_means" (the harmonic
+            mean of the cell's means of the two metrics in `of`; its std stays that of the per-seed values).
+        average: how the Average over datasets is formed: "mean" of the per-dataset means,
+            "hm_of_averages" (the harmonic mean of the Averages of `of`: CoCoOp's H), or "none".
+        of: the two metrics a harmonic-mean rule combines; a seed that stores no value gets it from them.
+        help: one sentence for the protocol's section of the report.
+    """
+
+    name: str
+    display: str = ""
+    higher_is_better: bool = True
+    seeds: str = "mean"
+    average: str = "mean"
+    of: tuple[str, ...] = ()
+    help: str = ""
+
+    def __post_init__(self):
+        if self.seeds not in SEED_RULES or self.average not in AVERAGE_RULES:
+            raise ValueError(f"metric {self.name!r}: seeds must be one of {SEED_RULES}, average one of {AVERAGE_RULES}")
+        if (self.seeds == "hm_of_means" or self.average == "hm_of_averages") and len(self.of) != 2:
+            raise ValueError(f"metric {self.name!r}: a harmonic-mean rule needs the two metrics it combines in `of`")
+
+    @property
+    def label(self) -> str:
+        """The header: display name, "↓" when lower is better."""
+        return (self.display or self.name) + ("" if self.higher_is_better else " ↓")
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """How a protocol's report table is laid out; one table per (backbone, shots), and per source dataset
+    when the protocol's results carry one (`Protocol.source_result`: a "Source: X" column first).
+
+    Attributes:
+        columns: "datasets": rows are methods, a column per dataset (one table per metric; the few-shot
+            table, CoCoOp's Tables 2 and 3); "metrics": rows are (dataset, method), a column per metric
+            (CoCoOp's Table 1).
+        average: the Average is over "datasets" (all of the block's), "targets" (the source left out) or
+            "none".
+        average_first: the Average comes before the datasets (CoCoOp's Table 1) instead of after.
+        source_fallback: a protocol whose result on the source fills a missing source cell (marked ‡).
+        reference: where the shape is published ("CoCoOp, Table 1"), shown in the section.
+    """
+
+    columns: str = "datasets"
+    average: str = "datasets"
+    average_first: bool = False
+    source_fallback: str = ""
+    reference: str = ""
+
+    def __post_init__(self):
+        if self.columns not in ("datasets", "metrics") or self.average not in ("datasets", "targets", "none"):
+            raise ValueError(f"table columns must be datasets|metrics and average datasets|targets|none, got {self}")
+
+
+def metric_infos(cls: type[Protocol]) -> tuple[MetricInfo, ...]:
+    """A protocol's metrics as `MetricInfo`: its `metric_info`, else one plain entry per `metric_names`
+    (so a protocol that declares only names still gets its tables)."""
+    declared = {m.name: m for m in cls.metric_info}
+    return tuple(declared.get(name, MetricInfo(name)) for name in cls.metric_names) + tuple(
+        m for m in cls.metric_info if m.name not in cls.metric_names)
+
+
+def describe(cls: type[Protocol]) -> str:
+    """One line for help texts: "base2new: Base-to-new generalisation (base, new, hm); fit on ..."."""
+    names = ", ".join(m.name for m in metric_infos(cls))
+    return f"{cls.name}: {cls.title or cls.name} ({names}); {cls.summary}".rstrip("; ")
+
+
 class Protocol:
     """Base class of protocols. Subclasses set `name` (by registering), `version` (bump when a
     change alters numbers), `metric_names` and `headline` (the metric stored as `top1`), and
@@ -132,6 +215,10 @@ class Protocol:
     version: ClassVar[int] = 1
     metric_names: ClassVar[tuple[str, ...]] = ("top1",)
     headline: ClassVar[str] = "top1"
+    # what reports show (fsbench.report.protocols reads these; see MetricInfo and TableShape)
+    title: ClassVar[str] = ""  # the report section's title (the name when empty)
+    metric_info: ClassVar[tuple[MetricInfo, ...]] = ()  # display and aggregation of `metric_names`
+    table: ClassVar[TableShape] = TableShape()  # methods x datasets, the Average over them
     summary: ClassVar[str] = ""
     source_result: ClassVar[bool] = False  # results carry `source_dataset` (cross-dataset protocols)
     # what a method may do with the unlabelled evaluation images: "none" (inductive: a method never sees them),
@@ -211,6 +298,8 @@ class FewShot(Protocol):
     """K shots of every class; top-1 on the whole test split (the CLIP-LoRA paper's protocol)."""
 
     summary = "K shots of every class, top-1 on the full test split"
+    title = "Few-shot"
+    metric_info = (MetricInfo("top1", "Top-1"),)
 
     def folder(self, source: str) -> str:
         return ""  # results written before protocols existed live here, and still load
@@ -245,6 +334,12 @@ class BaseToNew(Protocol):
     metric_names = ("base", "new", "hm")
     headline = "hm"
     summary = "fit on the base half of the classes; Base, New and their harmonic mean"
+    title = "Base-to-new generalisation"
+    metric_info = (MetricInfo("base", "Base"), MetricInfo("new", "New"),
+                   MetricInfo("hm", "H", seeds="hm_of_means", average="hm_of_averages", of=("base", "new"),
+                              help="H = 2BN/(B+N) of the mean Base and New; the Average's H is that of the "
+                                   "Average Base and New (CoCoOp, Table 1)."))
+    table = TableShape(columns="metrics", average_first=True, reference="CoCoOp, Table 1")
 
     def episode(self, source, draw, targets):
         everything = class_set(source)
@@ -303,6 +398,9 @@ class CrossDataset(_Transfer):
     the ten other datasets as targets (`[study] cross_targets`)."""
 
     summary = "fit on a source dataset, evaluate on other datasets' classes without refitting"
+    title = "Cross-dataset transfer"
+    metric_info = (MetricInfo("top1", "Top-1"),)
+    table = TableShape(average="targets", source_fallback="fewshot", reference="CoCoOp, Table 2")
 
 
 @register_protocol("domain_generalisation")
@@ -311,6 +409,9 @@ class DomainGeneralisation(_Transfer):
     (`[study] dg_targets`); A and R score against their 200 ImageNet classes."""
 
     summary = "fit on ImageNet, evaluate on ImageNet-V2/-Sketch/-A/-R"
+    title = "Domain generalisation"
+    metric_info = (MetricInfo("top1", "Top-1"),)
+    table = TableShape(average="targets", source_fallback="fewshot", reference="CoCoOp, Table 3")
 
 
 def make_protocol(name: str, cross_targets: list[str] | tuple[str, ...] = CROSS_TARGETS,

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
 from fsbench.cli.app import app, console
+from fsbench.cli.plugins import PluginCommand
 from fsbench.errors import UnknownNameError
+from fsbench.registry import load_plugin
 
 WHAT = ("methods", "datasets", "backbones", "protocols", "samplers")
 
 
-@app.command()
-def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones | protocols | samplers")) -> None:
+@app.command(cls=PluginCommand)
+def ls(what: str = typer.Argument("methods", help="methods | datasets | backbones | protocols | samplers"),
+       plugin: list[Path] = typer.Option(None, "--plugin", help="Python file registering methods or protocols.")
+       ) -> None:
     """List registered methods (with their paper), datasets, backbones, protocols or few-shot samplers."""
+    for path in plugin or []:
+        load_plugin(path)
     if what not in WHAT:
         raise UnknownNameError(f"unknown list {what!r}; choose one of {', '.join(WHAT)}")
     tables = {"methods": _methods, "datasets": _datasets, "backbones": _backbones, "protocols": _protocols,
@@ -40,13 +48,19 @@ def _methods() -> Table:
 
 
 def _protocols() -> Table:
-    from fsbench.catalog import index
+    from fsbench.protocols import PROTOCOLS, metric_infos
 
     table = Table(title="protocols (fsbench run --protocol NAME; docs/protocols.md)")
-    for col in ("name", "version", "metrics", "what"):
-        table.add_column(col, overflow="fold")
-    for name, p in sorted(index()["protocols"].items()):
-        table.add_row(name, str(p["version"]), ", ".join(p["metrics"]), p["summary"])
+    table.add_column("name", no_wrap=True)  # a name is what users type: never folded
+    for col in ("version", "metrics", "report table", "what"):
+        table.add_column(col, overflow="fold")  # long words fold rather than lose letters
+    for name in PROTOCOLS.names():
+        cls = PROTOCOLS.get(name)
+        metrics = ", ".join(f"{m.name} ({m.label})" for m in metric_infos(cls))
+        shape = f"{cls.title or name}: " + ("dataset x method, a column per metric" if cls.table.columns == "metrics"
+                                            else "method x dataset") + (f" ({cls.table.reference})"
+                                                                        if cls.table.reference else "")
+        table.add_row(name, str(cls.version), metrics, shape, cls.summary)
     return table
 
 

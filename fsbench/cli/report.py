@@ -9,16 +9,21 @@ import typer
 from rich.markup import escape
 
 from fsbench.cli.app import app, console, err_console
+from fsbench.cli.plugins import PluginCommand
 from fsbench.errors import ConfigError
 from fsbench.io import ensure_writable
+from fsbench.registry import load_plugin
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def report(
     results: Annotated[Path, typer.Option("--results", help="Results store to read.")] = Path("results/runs"),
     out: Annotated[Path, typer.Option("--out", help="Folder the report is written to.")] = Path("results/report"),
     backbone: Annotated[list[str] | None, typer.Option(
         "--backbone", help="Only this backbone (repeatable).")] = None,
+    plugin: Annotated[list[Path] | None, typer.Option(
+        "--plugin", help="Python file registering protocols (or methods): their results get their own tables "
+                         "(repeatable).")] = None,
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated outputs among md,csv,tex,png,pdf,html (html: one self-contained "
                           "report.html, figures inlined).")] = "md,csv,tex,png,pdf,html",
@@ -33,12 +38,15 @@ def report(
 ) -> None:
     """Main table, Figure 2 (accuracy vs shots), Figure 3 (LoRA ablations), statistics (confidence
     intervals, paired differences, Wilcoxon tests, critical-difference diagrams, ECE), cost and Pareto plot;
-    base-to-new, cross-dataset and domain-generalisation tables and a Base-vs-New figure for those protocols."""
+    for every other protocol in the results, its tables as its metadata says (those listed below; results of a
+    protocol not registered here get a generic table and a note)."""
     from fsbench.report import main_table, to_rich, write_report
     from fsbench.report.tables import blocks, std_ddof
     from fsbench.report.write import parse_formats, select_backbones
     from fsbench.results import load_results
 
+    for path in plugin or []:
+        load_plugin(path)
     formats = parse_formats(formats)
     std_ddof(std)  # an unknown --std: one line, before any work
     ensure_writable(str(out), "--out DIR")  # a file in the way, a read-only folder: one line, before any work
@@ -61,4 +69,16 @@ def report(
         console.print(to_rich(main_table(df, b, s, std=std)))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    _print_protocols(df)
     console.print(f"wrote {len(written)} files to {out}", highlight=False)
+
+
+def _print_protocols(df) -> None:
+    """Every other protocol's tables, as the report writes them, and a note per protocol whose plug-in is not
+    loaded (its results are in a generic table)."""
+    from fsbench.report.protocols import grid_rich, protocol_grids, protocol_notes
+
+    for _, grid in protocol_grids(df):
+        console.print(grid_rich(grid))
+    for note in protocol_notes(df):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

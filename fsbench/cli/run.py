@@ -91,7 +91,7 @@ def run(
     shots: list[str] = Opt(None, "--shots", "-k", help="Shots per class, e.g. 1,2,4."),
     seed: list[str] = Opt(None, "--seed", "-s", help="Seeds, e.g. 1,2,3 or 1-10."),
     protocol: list[str] = Opt(None, "--protocol", "-p", help="fewshot (default) | base2new | cross_dataset | "
-                              "domain_generalisation."),
+                              "domain_generalisation | a plug-in's (`fsbench ls protocols`)."),
     pretrained: str = Opt("", help="open_clip pretrained tag; 'none' = seeded random weights."),
     checkpoint: str = Opt("", help="Local checkpoint file instead of a pretrained tag."),
     config: Path = Opt(None, "--config", "-c", help="Study file (default: ./bench.toml if present)."),

@@ -1,6 +1,10 @@
-"""Tables and a figure of the generalisation protocols (base-to-new, cross-dataset, domain
-generalisation), as the field publishes them since CoCoOp (Zhou et al., "Conditional Prompt
-Learning for Vision-Language Models", CVPR 2022; code github.com/KaiyangZhou/CoOp):
+"""Tables and figures of every protocol besides few-shot, read from the protocols' metadata.
+
+As lm-eval's `make_table` reads `results[task][metric]`, one builder reads each protocol's
+`MetricInfo`s and `TableShape` (`fsbench/protocols.py`) and writes its tables: a protocol a
+plug-in registers gets its own with no code here. The built-in ones keep the shapes the field
+publishes since CoCoOp (Zhou et al., "Conditional Prompt Learning for Vision-Language Models",
+CVPR 2022; code github.com/KaiyangZhou/CoOp), through their metadata:
 
 - base-to-new as CoCoOp's Table 1: Base / New / H per dataset and their Average;
 - cross-dataset as CoCoOp's Table 2: the source, each target and the Average over the targets;
@@ -8,12 +12,15 @@ Learning for Vision-Language Models", CVPR 2022; code github.com/KaiyangZhou/CoO
   Average over the targets.
 
 Cells are the mean ± sample std (ddof=1) over seeds of a result's named `metrics` (result schema
-2), with the number of seeds. H follows CoCoOp: per dataset H = 2BN/(B+N) of the seed-mean Base B
-and New N (its std is the std of the per-seed H); the Average's H is the harmonic mean of the
-Average Base and the Average New, not the mean of per-dataset H (CoCoOp's Table 1(a): CLIP 69.34 /
-74.22 / 71.70, and 2·69.34·74.22/(69.34+74.22) = 71.70). A metric a method cannot produce (in the
-result's `not_applicable`) is "n/a" with its reason in a footnote, never a number, and so is any
-Average or H that would need it. Nothing here imports torch.
+2), with the number of seeds. A harmonic-mean metric follows CoCoOp: per dataset H = 2BN/(B+N) of
+the seed-mean Base B and New N (its std is the std of the per-seed H); the Average's H is the
+harmonic mean of the Average Base and the Average New, not the mean of per-dataset H (CoCoOp's
+Table 1(a): CLIP 69.34 / 74.22 / 71.70, and 2·69.34·74.22/(69.34+74.22) = 71.70). A metric a
+method cannot produce (in the result's `not_applicable`) is "n/a" with its reason in a footnote,
+never a number, and so is any Average or H that would need it. Results of a protocol that is not
+registered in this process (its plug-in not loaded) still get a generic table of their stored
+metrics, with a note. The few-shot protocol's results make the paper's main table
+(`fsbench.report.tables`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,19 +31,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fsbench.protocols import PROTOCOLS
+from fsbench.protocols import PROTOCOLS, MetricInfo, TableShape, metric_infos
 from fsbench.protocols import harmonic_mean as protocol_hm
 from fsbench.report.render import latex_escape
 from fsbench.report.style import AVERAGE, dataset_label, method_colors, method_label, order_methods, rc_context
-from fsbench.report.tables import clean, fewshot_rows
-from fsbench.results import slug
+from fsbench.report.tables import is_fewshot
+from fsbench.results import Result, slug
 
-PROTOCOL_METRICS = {"base2new": ("base", "new", "hm"), "cross_dataset": ("top1",),
-                    "domain_generalisation": ("top1",)}
-PROTOCOL_TITLES = {"base2new": "Base-to-new generalisation", "cross_dataset": "Cross-dataset transfer",
-                   "domain_generalisation": "Domain generalisation"}
-METRIC_LABELS = {"base": "Base", "new": "New", "hm": "H", "top1": "Top-1"}
-TRANSFER = ("cross_dataset", "domain_generalisation")
 # CoCoOp's Tables 1-3 column order; datasets not listed follow, sorted
 COCOOP_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenet_v2", "imagenet_sketch",
@@ -48,6 +49,47 @@ LONG_COLUMNS = ["backbone", "shots", "method", "source", "dataset", "seed", "met
 SUMMARY_COLUMNS = ["backbone", "shots", "method", "source", "dataset", "metric", "mean", "std", "n", "na",
                    "partial", "missing", "fallback"]
 CELL_KEYS = ["backbone", "shots", "method", "source", "dataset", "metric"]
+LEGACY_PROTOCOL = Result.protocol  # what a result without a `protocol` field (schema 1) ran
+
+
+@dataclass(frozen=True)
+class ProtocolView:
+    """What a report knows of one protocol in the results: its registered metadata, or for a protocol
+    not registered in this process, a generic view of the metrics its results store."""
+
+    name: str
+    title: str
+    metrics: tuple[MetricInfo, ...]
+    table: TableShape
+    source_result: bool
+    headline: str = "top1"
+    summary: str = ""
+    registered: bool = True
+
+    def metric(self, name: str) -> MetricInfo:
+        return next((m for m in self.metrics if m.name == name), MetricInfo(name))
+
+
+def protocol_view(name: str, df: pd.DataFrame | None = None) -> ProtocolView:
+    """The registered protocol `name`'s metadata; an unknown name gets the metrics its rows in `df` store
+    (the engine's calibration extras `ece*` left out) in a methods x datasets table."""
+    if name in PROTOCOLS:
+        cls = PROTOCOLS.get(name)
+        return ProtocolView(name, cls.title or name, metric_infos(cls), cls.table, cls.source_result,
+                            cls.headline, cls.summary)
+    rows = protocol_rows(df, name) if df is not None else pd.DataFrame()
+    stored = [k for col in ("metrics", "not_applicable") if col in rows.columns
+              for d in rows[col] if isinstance(d, dict) for k in d if not k.startswith("ece")]
+    names = tuple(dict.fromkeys(stored)) or ("top1",)
+    source = "source_dataset" in rows.columns and bool(rows["source_dataset"].notna().any())
+    return ProtocolView(name, name, tuple(MetricInfo(n) for n in names),
+                        TableShape(average="targets" if source else "datasets"), source, registered=False)
+
+
+def unregistered_note(view: ProtocolView) -> str:
+    """The one line a report prints for results of a protocol that is not registered here."""
+    return (f"Protocol {view.name!r} is not registered (its plug-in was not loaded: `fsbench report --plugin "
+            f"FILE`); its stored metrics ({', '.join(m.name for m in view.metrics)}) are shown in a generic table.")
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -69,38 +111,57 @@ def order_cocoop(names) -> list[str]:
 
 
 def protocol_rows(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """Finished runs of one protocol (none when the frame has no `protocol` column: schema 1)."""
+    """Finished runs of one protocol (a frame without a `protocol` column, schema 1, is all few-shot)."""
+    if df is None or df.empty:
+        return pd.DataFrame() if df is None else df.iloc[:0]
+    names = (df["protocol"].fillna(LEGACY_PROTOCOL) if "protocol" in df.columns
+             else pd.Series(LEGACY_PROTOCOL, index=df.index))
+    return df[(df["status"] == "ok") & (names == protocol)]
+
+
+def present_protocols(df: pd.DataFrame) -> list[str]:
+    """Protocols with finished results in `df` besides few-shot (the main table's): registered ones in
+    registry order, then unknown ones sorted."""
     if df.empty or "protocol" not in df.columns:
-        return df.iloc[:0]
-    return df[(df["status"] == "ok") & (df["protocol"] == protocol)]
+        return []
+    names = set(df.loc[(df["status"] == "ok") & ~is_fewshot(df), "protocol"].dropna())
+    return [n for n in PROTOCOLS.names() if n in names] + sorted(names - set(PROTOCOLS.names()))
 
 
-def _metric(row: dict, name: str, protocol: str) -> tuple[float | None, str]:
-    """(value, not-applicable reason) of one metric of one result row."""
-    metrics = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
-    na = row.get("not_applicable") if isinstance(row.get("not_applicable"), dict) else {}
-    if name == "hm" and not na.get("hm"):
-        reason = na.get("new") or na.get("base") or ""
-        if reason:
-            return None, reason
-        value = metrics.get("hm")
-        return (value, "") if value is not None else (harmonic_mean(metrics.get("base", np.nan),
-                                                                    metrics.get("new", np.nan)), "")
-    value = metrics.get(name, row.get("top1") if protocol in TRANSFER and name == "top1" else None)
-    return (None if value is None or pd.isna(value) else float(value)), str(na.get(name) or "")
+def _dict(row: dict, key: str) -> dict:
+    return row.get(key) if isinstance(row.get(key), dict) else {}
 
 
-def metric_long(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
+def _metric(row: dict, info: MetricInfo, headline: str) -> tuple[float | None, str]:
+    """(value, not-applicable reason) of one metric of one result row. A harmonic-mean metric the file
+    does not store is computed from its parts, and is n/a when a part is; the headline metric falls back
+    to the row's `top1`."""
+    metrics, na = _dict(row, "metrics"), _dict(row, "not_applicable")
+    reason = str(na.get(info.name) or "")
+    if info.of and not reason:
+        reason = "; ".join(dict.fromkeys(str(na[p]) for p in info.of if na.get(p)))
+    if reason:
+        return None, reason
+    value = metrics.get(info.name)
+    if value is None and len(info.of) == 2:
+        value = harmonic_mean(metrics.get(info.of[0], np.nan), metrics.get(info.of[1], np.nan))
+    if value is None and info.name == headline:
+        value = row.get("top1")
+    return (None if value is None or pd.isna(value) else float(value)), ""
+
+
+def metric_long(df: pd.DataFrame, protocol: str, view: ProtocolView | None = None) -> pd.DataFrame:
     """One row per (run, metric): value (NaN when not applicable) and the not-applicable reason."""
+    view = view or protocol_view(protocol, df)
     rows = []
     for row in protocol_rows(df, protocol).to_dict("records"):
-        source = row.get("source_dataset") if protocol in TRANSFER else ""
-        for name in PROTOCOL_METRICS[protocol]:
-            value, reason = _metric(row, name, protocol)
-            if (value is None or pd.isna(value)) and not reason:
+        source = (row.get("source_dataset") or "") if view.source_result else ""
+        for info in view.metrics:
+            value, reason = _metric(row, info, view.headline)
+            if value is None and not reason:
                 continue  # not measured (a failed evaluation): an empty cell, not "n/a"
             rows.append({"backbone": row["backbone"], "shots": int(row["shots"]), "method": row["method"],
-                         "source": source or "", "dataset": row["dataset"], "seed": row["seed"], "metric": name,
+                         "source": source, "dataset": row["dataset"], "seed": row["seed"], "metric": info.name,
                          "value": np.nan if reason else value, "reason": reason})
     return pd.DataFrame(rows, columns=LONG_COLUMNS)
 
@@ -118,16 +179,16 @@ def _seed_cells(long: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _h_of_means(cells: pd.DataFrame) -> pd.DataFrame:
-    """CoCoOp's H: the harmonic mean of the cell's Base and New means (std stays per-seed H's)."""
+def _hm_of_means(cells: pd.DataFrame, info: MetricInfo) -> pd.DataFrame:
+    """`seeds="hm_of_means"` (CoCoOp's H): the harmonic mean of the cell's means of `info.of`; the std
+    stays that of the per-seed values."""
     keys = [k for k in CELL_KEYS if k != "metric"]
     means = cells.pivot_table(index=keys, columns="metric", values="mean", aggfunc="first", dropna=False)
     cells = cells.copy()
-    for i in cells.index[(cells["metric"] == "hm") & (cells["na"] == "")]:
+    for i in cells.index[(cells["metric"] == info.name) & (cells["na"] == "")]:
         key = tuple(cells.loc[i, keys])
-        base, new = (means.at[key, m] if key in means.index and m in means.columns else np.nan
-                     for m in ("base", "new"))
-        cells.at[i, "mean"] = harmonic_mean(base, new)
+        a, b = (means.at[key, m] if key in means.index and m in means.columns else np.nan for m in info.of)
+        cells.at[i, "mean"] = harmonic_mean(a, b)
     return cells
 
 
@@ -149,61 +210,76 @@ def _averages(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _average_h(avg: pd.DataFrame) -> pd.DataFrame:
-    """The Average's H from the Average Base and New (CoCoOp's Table 1(a)); n/a if either is."""
+def _hm_of_averages(avg: pd.DataFrame, info: MetricInfo) -> pd.DataFrame:
+    """`average="hm_of_averages"`: the Average of `info` from the Averages of its two parts (CoCoOp's
+    Table 1(a)); n/a if either is."""
     keys = ["backbone", "shots", "source", "method"]
-    parts = {m: avg[avg["metric"] == m].set_index(keys) for m in ("base", "new")}
+    first, second = (avg[avg["metric"] == m].set_index(keys) for m in info.of)
     rows = []
-    for key, base in parts["base"].iterrows():
-        if key not in parts["new"].index:
+    for key, a in first.iterrows():
+        if key not in second.index:
             continue
-        new = parts["new"].loc[key]
-        na = "; ".join(sorted({x for x in (base["na"], new["na"]) if x}))
-        rows.append({**dict(zip(keys, key, strict=True)), "dataset": AVERAGE, "metric": "hm", "std": np.nan,
-                     "mean": np.nan if na else harmonic_mean(base["mean"], new["mean"]), "na": na,
-                     "n": min(base["n"], new["n"]), "partial": bool(base["partial"] or new["partial"]),
-                     "missing": tuple(dict.fromkeys(base["missing"] + new["missing"])), "fallback": False})
+        b = second.loc[key]
+        na = "; ".join(sorted({x for x in (a["na"], b["na"]) if x}))
+        rows.append({**dict(zip(keys, key, strict=True)), "dataset": AVERAGE, "metric": info.name, "std": np.nan,
+                     "mean": np.nan if na else harmonic_mean(a["mean"], b["mean"]), "na": na,
+                     "n": min(a["n"], b["n"]), "partial": bool(a["partial"] or b["partial"]),
+                     "missing": tuple(dict.fromkeys(a["missing"] + b["missing"])), "fallback": False})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _source_cells(df: pd.DataFrame, cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """Source-column cells: the protocol's own result on the source when it has one, else the
-    few-shot run of the same (backbone, method, shots) on the source, marked `fallback` (‡)."""
+def _source_cells(df: pd.DataFrame, cells: pd.DataFrame, view: ProtocolView) -> pd.DataFrame:
+    """Source-column cells the protocol has no own result for: the `table.source_fallback` protocol's
+    run of the same (backbone, method, shots) on the source, marked `fallback` (‡)."""
+    fallback = view.table.source_fallback
+    if not fallback or not view.source_result:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     have = set(zip(cells["backbone"], cells["shots"], cells["method"], cells["source"], cells["dataset"],
                    strict=True))
-    fewshot = clean(fewshot_rows(df))
+    other = metric_long(df, fallback, protocol_view(fallback, df))
     rows = []
     for backbone, shots, method, source in cells[["backbone", "shots", "method", "source"]].drop_duplicates(
             ).itertuples(index=False):
         if not source or (backbone, shots, method, source, source) in have:
             continue
-        runs = fewshot[(fewshot["backbone"] == backbone) & (fewshot["shots"] == shots)
-                       & (fewshot["method"] == method) & (fewshot["dataset"] == source)]["top1"].astype(float)
-        if len(runs):
-            rows.append({"backbone": backbone, "shots": shots, "method": method, "source": source,
-                         "dataset": source, "metric": "top1", "mean": runs.mean(), "n": len(runs), "na": "",
-                         "std": runs.std(ddof=1) if len(runs) > 1 else np.nan, "partial": False, "missing": (),
-                         "fallback": True})
+        for info in view.metrics:
+            runs = other[(other["backbone"] == backbone) & (other["shots"] == shots) & (other["method"] == method)
+                         & (other["dataset"] == source) & (other["metric"] == info.name)]["value"].astype(float)
+            if len(runs) and runs.notna().all():
+                rows.append({"backbone": backbone, "shots": shots, "method": method, "source": source,
+                             "dataset": source, "metric": info.name, "mean": runs.mean(), "n": len(runs), "na": "",
+                             "std": runs.std(ddof=1) if len(runs) > 1 else np.nan, "partial": False,
+                             "missing": (), "fallback": True})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def protocol_summary(df: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """Every cell of one protocol's tables, long and numeric, Average rows included.
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SUMMARY_COLUMNS)
 
-    Columns: `SUMMARY_COLUMNS` (source: the fitted-on dataset, "" for base2new; na: the reasons a
-    cell is not applicable, "" otherwise; fallback: a source cell taken from the few-shot run).
+
+def protocol_summary(df: pd.DataFrame, protocol: str, view: ProtocolView | None = None) -> pd.DataFrame:
+    """Every cell of one protocol's tables, long and numeric, Average rows included, as its metadata says.
+
+    Columns: `SUMMARY_COLUMNS` (source: the fitted-on dataset, "" unless the protocol's results carry
+    one; na: the reasons a cell is not applicable, "" otherwise; fallback: a source cell taken from
+    the `source_fallback` protocol's run).
     """
-    cells = _seed_cells(metric_long(df, protocol))
+    view = view or protocol_view(protocol, df)
+    cells = _seed_cells(metric_long(df, protocol, view))
     if cells.empty:
         return cells
-    if protocol == "base2new":
-        cells = _h_of_means(cells)
-        avg = _averages(cells[cells["metric"] != "hm"])
-        avg = pd.concat([avg, _average_h(avg)], ignore_index=True)
-    else:
-        cells = pd.concat([cells, _source_cells(df, cells, protocol)], ignore_index=True)
-        avg = _averages(cells[cells["dataset"] != cells["source"]])
-    out = pd.concat([cells, avg], ignore_index=True)
+    for info in view.metrics:
+        if info.seeds == "hm_of_means":
+            cells = _hm_of_means(cells, info)
+    cells = _concat([cells, _source_cells(df, cells, view)])
+    if view.table.average == "none":
+        return cells.astype({"shots": int, "n": int, "partial": bool, "fallback": bool})
+    pool = cells[cells["dataset"] != cells["source"]] if view.table.average == "targets" else cells
+    plain = [m.name for m in view.metrics if m.average == "mean"]
+    avg = _averages(pool[pool["metric"].isin(plain)])
+    avg = _concat([avg] + [_hm_of_averages(avg, m) for m in view.metrics if m.average == "hm_of_averages"])
+    out = _concat([cells, avg])
     return out.astype({"shots": int, "n": int, "partial": bool, "fallback": bool})
 
 
@@ -216,6 +292,7 @@ class Grid:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     rules: list[int] = field(default_factory=list)  # a horizontal rule after these row indices
+    labels: int = 1  # leading label columns (left-aligned)
 
 
 def cell_text(row, decimals: int = 2) -> str:
@@ -232,19 +309,21 @@ def cell_text(row, decimals: int = 2) -> str:
     return text + f" ({row['n']})" + (DDAGGER if row["fallback"] else "")
 
 
-def _notes(block: pd.DataFrame) -> list[str]:
-    """Footnotes: n/a reasons per method, partial Averages, source cells from few-shot runs."""
+def _notes(block: pd.DataFrame, view: ProtocolView) -> list[str]:
+    """Footnotes: n/a reasons per method, partial Averages, source cells from another protocol's runs."""
     notes = []
     na = block[block["na"] != ""]
     for method, sub in na.groupby("method", sort=False):
         for reason, rows in sub.groupby("na", sort=False):
-            metrics = ", ".join(METRIC_LABELS[m] for m in dict.fromkeys(rows["metric"]))
+            metrics = ", ".join(view.metric(m).display or m for m in dict.fromkeys(rows["metric"]))
             notes.append(f"{NA}: {method_label(method)} ({metrics}): {reason}")
     for r in block[block["partial"]].drop_duplicates(["method"]).to_dict("records"):
         names = ", ".join(protocol_label(d) for d in r["missing"])
         notes.append(f"{DAGGER} {method_label(r['method'])}: Average without {names} (no result).")
     if block["fallback"].any():
-        notes.append(f"{DDAGGER} Source column from the few-shot run of the same method, backbone and shots.")
+        title = protocol_view(view.table.source_fallback).title
+        notes.append(f"{DDAGGER} Source column from the {title[:1].lower() + title[1:]} run of the same method, "
+                     "backbone and shots.")
     return notes
 
 
@@ -252,37 +331,72 @@ def _lookup(block: pd.DataFrame) -> dict:
     return {(r["method"], r["dataset"], r["metric"]): r for r in block.to_dict("records")}
 
 
-def base2new_grid(summary: pd.DataFrame, backbone: str, shots: int, decimals: int = 2) -> Grid:
-    """CoCoOp's Table 1 for one (backbone, shots): rows (dataset, method), columns Base, New, H;
-    the Average first, then each dataset in CoCoOp's order."""
-    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots)]
-    cells, methods = _lookup(block), order_methods(block["method"])
-    rows, rules = [], []
-    for dataset in [AVERAGE] + order_cocoop(block["dataset"]):
-        for i, method in enumerate(m for m in methods if any((m, dataset, x) in cells for x in ("base", "new"))):
-            name = protocol_label(dataset) if i == 0 else ""
-            rows.append([name, method_label(method)]
-                        + [cell_text(cells.get((method, dataset, m)), decimals) for m in ("base", "new", "hm")])
-        rules.append(len(rows) - 1)
-    title = f"{PROTOCOL_TITLES['base2new']}, {backbone}, {shots} shots"
-    return Grid(title, ["Dataset", "Method", "Base", "New", "H"], rows, _notes(block), rules[:-1])
-
-
-def transfer_grid(summary: pd.DataFrame, protocol: str, backbone: str, shots: int, source: str,
-                  decimals: int = 2) -> Grid:
-    """CoCoOp's Table 2 (cross-dataset) or 3 (domain generalisation) for one (backbone, shots,
-    source): rows methods, columns the source, each target, the Average over the targets."""
-    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)]
-    cells = _lookup(block)
-    columns = [source] + [d for d in order_cocoop(block["dataset"]) if d != source] + [AVERAGE]
-    header = ["Method", f"Source: {protocol_label(source)}"] + [protocol_label(d) for d in columns[1:]]
-    rows = [[method_label(m)] + [cell_text(cells.get((m, d, "top1")), decimals) for d in columns]
-            for m in order_methods(block["method"])]
-    title = f"{PROTOCOL_TITLES[protocol]}, {backbone}, {shots} shots, fitted on {protocol_label(source)}"
-    off_paper = PROTOCOLS.get(protocol).off_paper(source, shots) if protocol in PROTOCOLS else ""
+def _title(view: ProtocolView, backbone: str, shots: int, source: str = "", metric: str = "") -> str:
+    fitted = f", fitted on {protocol_label(source)}" if source else ""
+    title = f"{view.title}, {backbone}, {shots} shots{fitted}" + (f": {metric}" if metric else "")
+    off_paper = PROTOCOLS.get(view.name).off_paper(source, shots) if source and view.name in PROTOCOLS else ""
     if off_paper:  # asked for explicitly (--datasets / --shots, [study] transfer_*): say it is not the papers'
         title += f" (not the papers' setting: {off_paper})"
-    return Grid(title, header, rows, _notes(block))
+    return title
+
+
+def metrics_grid(summary: pd.DataFrame, view: ProtocolView, backbone: str, shots: int, source: str = "",
+                 decimals: int = 2) -> Grid:
+    """`columns="metrics"` (CoCoOp's Table 1): rows (dataset, method), a column per metric; the Average
+    first or last as the shape says, datasets in CoCoOp's order."""
+    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)]
+    cells, methods, names = _lookup(block), order_methods(block["method"]), [m.name for m in view.metrics]
+    datasets = order_cocoop(block["dataset"])
+    has_avg = (block["dataset"] == AVERAGE).any()
+    datasets = ([AVERAGE] + datasets if view.table.average_first else datasets + [AVERAGE]) if has_avg else datasets
+    rows, rules = [], []
+    for dataset in datasets:
+        for i, method in enumerate(m for m in methods if any((m, dataset, x) in cells for x in names)):
+            rows.append([protocol_label(dataset) if i == 0 else "", method_label(method)]
+                        + [cell_text(cells.get((method, dataset, x)), decimals) for x in names])
+        rules.append(len(rows) - 1)
+    header = ["Dataset", "Method"] + [m.label for m in view.metrics]
+    return Grid(_title(view, backbone, shots, source), header, rows, _notes(block, view), rules[:-1], labels=2)
+
+
+def datasets_grid(summary: pd.DataFrame, view: ProtocolView, metric: MetricInfo, backbone: str, shots: int,
+                  source: str = "", decimals: int = 2) -> Grid:
+    """`columns="datasets"` (the few-shot table; CoCoOp's Tables 2 and 3 with a source): rows methods,
+    columns the source (if any), each dataset, the Average; one grid per metric."""
+    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)
+                    & (summary["metric"] == metric.name)]
+    cells = _lookup(block)
+    first = [source] if source else []
+    average = [] if view.table.average == "none" else [AVERAGE]
+    columns = first + [d for d in order_cocoop(block["dataset"]) if d != source] + average
+    header = (["Method"] + [f"Source: {protocol_label(source)}" for _ in first]
+              + [protocol_label(d) for d in columns[len(first):]])
+    rows = [[method_label(m)] + [cell_text(cells.get((m, d, metric.name)), decimals) for d in columns]
+            for m in order_methods(block["method"])]
+    label = metric.label if len(view.metrics) > 1 else ""
+    return Grid(_title(view, backbone, shots, source, label), header, rows, _notes(block, view))
+
+
+def grids_of(df: pd.DataFrame, protocol: str, decimals: int = 2,
+             summary: pd.DataFrame | None = None) -> list[Grid]:
+    """Every table of one protocol, per (backbone, shots, source), as its `TableShape` says."""
+    view = protocol_view(protocol, df)
+    summary = protocol_summary(df, protocol, view) if summary is None else summary
+    grids = []
+    for backbone, shots, source in sorted(set(zip(summary["backbone"], summary["shots"], summary["source"],
+                                                  strict=True))):
+        if view.table.columns == "metrics":
+            grids.append(metrics_grid(summary, view, backbone, shots, source, decimals))
+        else:
+            grids += [datasets_grid(summary, view, m, backbone, shots, source, decimals) for m in view.metrics
+                      if (summary["metric"] == m.name).any()]
+    return grids
+
+
+def protocol_grids(df: pd.DataFrame, decimals: int = 2) -> list[tuple[str, Grid]]:
+    """Every protocol table of `df` but few-shot's as (protocol, Grid), in protocol, backbone, shots, source
+    order."""
+    return [(protocol, grid) for protocol in present_protocols(df) for grid in grids_of(df, protocol, decimals)]
 
 
 def grid_markdown(grid: Grid) -> str:
@@ -294,17 +408,30 @@ def grid_markdown(grid: Grid) -> str:
     return "\n".join(lines + ([""] + grid.notes if grid.notes else [])) + "\n"
 
 
+
+def grid_rich(grid: Grid):
+    """A `rich.table.Table` of a `Grid` for the terminal (`fsbench report`), footnotes as its caption."""
+    from rich.table import Table
+
+    table = Table(title=grid.title, caption="\n".join(grid.notes) or None, caption_justify="left")
+    for i, name in enumerate(grid.header):
+        table.add_column(name, justify="left" if i < grid.labels else "right", overflow="fold")
+    for i, row in enumerate(grid.rows):
+        table.add_row(*row, end_section=i in grid.rules)
+    return table
+
 def _latex_cell(text: str) -> str:
-    text = latex_escape(text).replace("±", r"$\pm$").replace(MISSING, "--")
+    text = latex_escape(text).replace("±", r"$\pm$").replace(MISSING, "--").replace("↓", r"$\downarrow$")
     return text.replace(DAGGER, r"$^\dagger$").replace(DDAGGER, r"$^\ddagger$")
 
 
 def grid_latex(grid: Grid) -> str:
     """A booktabs `table` of a `Grid` (a midrule between datasets), footnotes below."""
+    align = "l" * grid.labels + "c" * (len(grid.header) - grid.labels)
     body = [r"\begin{table*}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(grid.title)}; "
             r"mean $\pm$ std over seeds (n).}", r"\resizebox{\textwidth}{!}{%",
-            rf"\begin{{tabular}}{{ll{'c' * (len(grid.header) - 2)}}}", r"\toprule",
-            " & ".join(latex_escape(h) for h in grid.header) + r" \\", r"\midrule"]
+            rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+            " & ".join(_latex_cell(h) for h in grid.header) + r" \\", r"\midrule"]
     for i, row in enumerate(grid.rows):
         body.append(" & ".join(_latex_cell(c) for c in row) + r" \\")
         if i in grid.rules:
@@ -313,34 +440,31 @@ def grid_latex(grid: Grid) -> str:
     return "\n".join(body + [r"\end{table*}"]) + "\n"
 
 
-def protocol_grids(df: pd.DataFrame, decimals: int = 2) -> list[tuple[str, Grid]]:
-    """Every protocol table of `df` as (protocol, Grid), in protocol, backbone, shots, source order."""
-    grids = []
-    for protocol in PROTOCOL_METRICS:
-        summary = protocol_summary(df, protocol)
-        if summary.empty:
-            continue
-        for key in sorted(set(zip(summary["backbone"], summary["shots"], summary["source"], strict=True))):
-            backbone, shots, source = key
-            grid = (base2new_grid(summary, backbone, shots, decimals) if protocol == "base2new" else
-                    transfer_grid(summary, protocol, backbone, shots, source, decimals))
-            grids.append((protocol, grid))
-    return grids
+def section_intro(view: ProtocolView) -> str:
+    """The sentence under a protocol's section title, from its metadata."""
+    text = ("Mean ± sample std (ddof=1) over seeds (seeds in parentheses); n/a = the method cannot produce "
+            "the number (reason below).")
+    text += {"targets": " Average = mean over the targets (the source excluded).",
+             "datasets": " Average = mean over the datasets of the per-dataset means.", "none": ""}[view.table.average]
+    text += "".join(f" {m.help}" for m in view.metrics if m.help)
+    text += f" Layout of {view.table.reference}." if view.table.reference else ""
+    return text if view.registered else unregistered_note(view) + " " + text
 
 
 def protocol_markdown(df: pd.DataFrame) -> str:
-    """The protocol sections of report.md ("" when no result has another protocol than few-shot)."""
-    parts, current = [], None
-    for protocol, grid in protocol_grids(df):
-        if protocol != current:
-            current = protocol
-            parts += [f"## {PROTOCOL_TITLES[protocol]}\n", "Top-1 (%) mean ± sample std (ddof=1) over seeds "
-                      "(seeds in parentheses); n/a = the method cannot produce the number (reason below)."
-                      + (" H = 2BN/(B+N) of the mean Base and New; the Average's H is that of the Average Base "
-                         "and New (CoCoOp, Table 1)." if protocol == "base2new" else
-                         " Average = mean over the targets (the source excluded).") + "\n"]
-        parts += [f"### {grid.title}\n", grid_markdown(grid)]
+    """The protocol sections of report.md, one per protocol present besides few-shot ("" when none)."""
+    parts = []
+    for protocol in present_protocols(df):
+        view = protocol_view(protocol, df)
+        parts += [f"## {view.title}\n", section_intro(view) + "\n"]
+        for grid in grids_of(df, protocol):
+            parts += [f"### {grid.title}\n", grid_markdown(grid)]
     return "\n".join(parts)
+
+
+def protocol_notes(df: pd.DataFrame) -> list[str]:
+    """One note per protocol in `df` that is not registered (its results are in a generic table)."""
+    return [unregistered_note(protocol_view(p, df)) for p in present_protocols(df) if p not in PROTOCOLS]
 
 
 def protocol_latex(df: pd.DataFrame) -> str:
@@ -351,15 +475,15 @@ def protocol_latex(df: pd.DataFrame) -> str:
 def protocol_csvs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """{"base2new.csv": summary, ...}: the long, numeric cells of each protocol present."""
     out = {}
-    for protocol in PROTOCOL_METRICS:
+    for protocol in present_protocols(df):
         summary = protocol_summary(df, protocol)
         if not summary.empty:
-            out[f"{protocol}.csv"] = summary.assign(missing=summary["missing"].map(";".join))
+            out[f"{slug(protocol)}.csv"] = summary.assign(missing=summary["missing"].map(";".join))
     return out
 
 
-def _iso_h(ax, low: float, high: float) -> None:
-    """Dotted curves of equal H (every 10 points) behind a Base-vs-New scatter."""
+def _iso_h(ax, low: float, high: float, name: str = "H") -> None:
+    """Dotted curves of equal harmonic mean (every 10 points) behind a scatter of its two parts."""
     base = np.linspace(max(low, 1e-3), high, 200)
     for h in range(10, 100, 10):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -367,39 +491,46 @@ def _iso_h(ax, low: float, high: float) -> None:
         inside = (new >= low) & (new <= high)
         if inside.sum() > 1:
             ax.plot(base[inside], new[inside], ls=":", lw=0.7, color="0.6", zorder=1)
-            ax.annotate(f"H={h}", (base[inside][-1], new[inside][-1]), fontsize="xx-small", color="0.5",
+            ax.annotate(f"{name}={h}", (base[inside][-1], new[inside][-1]), fontsize="xx-small", color="0.5",
                         ha="right", va="bottom")
 
 
-def _base_new_panel(ax, block: pd.DataFrame, dataset: str, colors: dict) -> None:
-    """One panel: a point per method at (Base, New); methods with New n/a are named, not drawn."""
+def _pair_panel(ax, block: pd.DataFrame, dataset: str, colors: dict, view: ProtocolView, info: MetricInfo) -> None:
+    """One panel: a point per method at (first part, second part) of `info`; methods with a part n/a are
+    named, not drawn."""
+    x, y = info.of
     sub = block[block["dataset"] == dataset]
     means = sub.pivot_table(index="method", columns="metric", values="mean", aggfunc="first")
     na = sorted(set(sub.loc[sub["na"] != "", "method"]))
-    drawn = means.dropna(subset=[c for c in ("base", "new") if c in means.columns]).reindex(
+    drawn = means.dropna(subset=[c for c in (x, y) if c in means.columns]).reindex(
         [m for m in order_methods(means.index) if m not in na]).dropna()
-    values = drawn[["base", "new"]].to_numpy().ravel() if {"base", "new"} <= set(drawn.columns) else []
+    values = drawn[[x, y]].to_numpy().ravel() if {x, y} <= set(drawn.columns) else []
     low, high = (max(0.0, min(values) - 5), min(100.0, max(values) + 5)) if len(values) else (0.0, 100.0)
-    _iso_h(ax, low, high)
+    _iso_h(ax, low, high, info.display or info.name)
     for method, row in drawn.iterrows():
-        ax.scatter(row["base"], row["new"], s=30, color=colors.get(method), label=method_label(method), zorder=3)
+        ax.scatter(row[x], row[y], s=30, color=colors.get(method), label=method_label(method), zorder=3)
+    xl, yl = (view.metric(m).display or m for m in info.of)
     if na:
-        ax.text(0.03, 0.97, f"New {NA}: " + ", ".join(method_label(m) for m in na), transform=ax.transAxes,
+        ax.text(0.03, 0.97, f"{yl} {NA}: " + ", ".join(method_label(m) for m in na), transform=ax.transAxes,
                 fontsize="xx-small", color="0.3", va="top", bbox={"fc": "white", "ec": "none", "pad": 1})
-    ax.set(xlim=(low, high), ylim=(low, high), title=protocol_label(dataset), xlabel="Base (%)", ylabel="New (%)")
+    ax.set(xlim=(low, high), ylim=(low, high), title=protocol_label(dataset), xlabel=f"{xl} (%)", ylabel=f"{yl} (%)")
     ax.set_aspect("equal", adjustable="box")
 
 
-def plot_base_new(df: pd.DataFrame, backbone: str, shots: int, summary: pd.DataFrame | None = None) -> Figure | None:
-    """Base vs New accuracy per method: the Average, then one panel per dataset (CoCoOp order),
-    with dotted curves of equal H. None when the block has no base-to-new result."""
+def plot_tradeoff(df: pd.DataFrame, protocol: str, backbone: str, shots: int, summary: pd.DataFrame | None = None,
+                  source: str = "") -> Figure | None:
+    """The two parts of a protocol's harmonic-mean metric against each other (base2new: Base vs New) per
+    method: the Average, then one panel per dataset (CoCoOp order), with dotted curves of equal harmonic
+    mean. None when the protocol has no such metric or the block no result."""
     from fsbench.report.style import shared_legend
 
-    summary = protocol_summary(df, "base2new") if summary is None else summary
-    if summary.empty:
+    view = protocol_view(protocol, df)
+    info = next((m for m in view.metrics if len(m.of) == 2), None)
+    summary = protocol_summary(df, protocol, view) if summary is None and info else summary
+    if info is None or summary.empty:
         return None
-    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots)
-                    & summary["metric"].isin(["base", "new"])]
+    block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)
+                    & summary["metric"].isin(info.of)]
     if block.empty:
         return None
     datasets = [AVERAGE] + order_cocoop(block["dataset"])
@@ -410,22 +541,33 @@ def plot_base_new(df: pd.DataFrame, backbone: str, shots: int, summary: pd.DataF
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         colors = method_colors(block["method"])
         for ax, dataset in zip(axes, datasets, strict=False):
-            _base_new_panel(ax, block, dataset, colors)
+            _pair_panel(ax, block, dataset, colors, view, info)
         for ax in axes[len(datasets):]:
             ax.set_axis_off()
         shared_legend(fig, axes[:len(datasets)], ncols=4)
-        fig.suptitle(f"Base vs New, {backbone}, {shots} shots (mean over seeds)", fontweight="bold")
+        xl, yl = (view.metric(m).display or m for m in info.of)
+        fig.suptitle(f"{xl} vs {yl}, {backbone}, {shots} shots (mean over seeds)", fontweight="bold")
     return fig
 
 
+def plot_base_new(df: pd.DataFrame, backbone: str, shots: int, summary: pd.DataFrame | None = None) -> Figure | None:
+    """Base vs New accuracy per method under `base2new` (CoCoOp): `plot_tradeoff` of that protocol."""
+    return plot_tradeoff(df, "base2new", backbone, shots, summary)
+
+
 def protocol_figures(df: pd.DataFrame) -> list[tuple[str, Figure]]:
-    """(file stem, figure) for every base-to-new (backbone, shots) block: "base2new_ViT-B-16_16shots"."""
-    summary = protocol_summary(df, "base2new")
-    if summary.empty:
-        return []
+    """(file stem, figure) for every (backbone, shots[, source]) block of each protocol with a harmonic-mean
+    metric: "base2new_ViT-B-16_16shots"."""
     out = []
-    for backbone, shots in sorted(set(zip(summary["backbone"], summary["shots"], strict=True))):
-        fig = plot_base_new(df, backbone, shots, summary)
-        if fig is not None:
-            out.append((f"base2new_{slug(backbone)}_{shots}shots", fig))
+    for protocol in present_protocols(df):
+        view = protocol_view(protocol, df)
+        if not any(len(m.of) == 2 for m in view.metrics):
+            continue
+        summary = protocol_summary(df, protocol, view)
+        for backbone, shots, source in sorted(set(zip(summary["backbone"], summary["shots"], summary["source"],
+                                                      strict=True))):
+            fig = plot_tradeoff(df, protocol, backbone, shots, summary, source)
+            if fig is not None:
+                stem = f"{slug(protocol)}_{slug(backbone)}_{shots}shots" + (f"_from-{slug(source)}" if source else "")
+                out.append((stem, fig))
     return out
