@@ -166,7 +166,7 @@ def test_force_re_encodes_rows_it_cannot_verify(lab, make_runner):
     again = make_runner(lab)
     again.cfg.runtime.data_root = str(lab / "data")
     again.run(spec, force=True)
-    assert again.features.encoded_images == len(test_images(lab))
+    assert again.executor.features.encoded_images == len(test_images(lab))
 
 
 # ---- 3. the other side: touch or an identical copy is the same content ------------------------------------
@@ -200,7 +200,7 @@ def test_touched_images_are_not_re_encoded(lab, make_runner):
     again = make_runner(lab)
     again.cfg.runtime.data_root = str(lab / "data")
     _, reused = again.run(spec, force=True)
-    assert not reused and again.features.encoded_images == 0  # every cached row verified by content
+    assert not reused and again.executor.features.encoded_images == 0  # every cached row verified by content
 
 
 # ---- 4. the report never averages seeds of different weights or test sets -----------------------------------
