@@ -32,7 +32,7 @@ from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
 
-from fsbench.config import check_at_least, check_fraction, check_non_negative, check_positive
+from fsbench.checks import check_at_least, check_fraction, check_non_negative, check_positive
 from fsbench.curves import CurveRecorder
 from fsbench.data.base import Item
 from fsbench.errors import RunFailed

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_at_least, check_crop_scale, check_fraction, check_positive
+from fsbench.checks import check_at_least, check_crop_scale, check_fraction, check_positive
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method

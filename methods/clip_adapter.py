@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.config import check_at_least, check_fraction, check_list, check_positive
+from fsbench.checks import check_at_least, check_fraction, check_list, check_positive
 from fsbench.method import FewShotData, Method, count_trainable, register_method
 from fsbench.training import (
     BestOnValidation,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_at_least, check_crop_scale, check_list, check_positive
+from fsbench.checks import check_at_least, check_crop_scale, check_list, check_positive
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.tip_adapter import augmented_views

@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_non_negative
+from fsbench.checks import check_non_negative
 from fsbench.method import FewShotData, register_method
 from fsbench.methods.coop import CoOp, CoOpConfig
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_at_least, check_list, check_positive, positive
+from fsbench.checks import check_at_least, check_list, check_positive, positive
 from fsbench.method import FewShotData, Method, register_method
 
 INITS = ("zeros", "zero_shot")

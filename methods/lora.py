@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 from fsbench.attention import attention_layers, fused_state_dict, projections
 from fsbench.augment import device_batches, to_uint8_tensor
 from fsbench.backbones import BackboneInfo
-from fsbench.config import (
+from fsbench.checks import (
     check_at_least,
     check_betas,
     check_crop_scale,

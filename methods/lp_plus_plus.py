@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_at_least, check_fraction, check_non_negative
+from fsbench.checks import check_at_least, check_fraction, check_non_negative
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.training import BestOnValidation, top1, train_epochs

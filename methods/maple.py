@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.backbones import BackboneInfo
-from fsbench.config import check_at_least, check_crop_scale, check_positive
+from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.lora import train_transform

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsbench.config import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
+from fsbench.checks import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import count_trainable, register_method
 from fsbench.methods.lora import CLIPLoRA, merged_state_dict

@@ -56,7 +56,7 @@ from torch import nn
 
 from fsbench import identity
 from fsbench.backbones import BackboneInfo
-from fsbench.config import check_at_least, check_crop_scale, check_positive
+from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.lora import train_transform

@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fsbench.config import check_positive
+from fsbench.checks import check_positive
 from fsbench.method import FewShotData, register_method
 from fsbench.methods.coop import CoOp, CoOpConfig
 from fsbench.prompts import Prompts, build_prompts, frozen_image_features

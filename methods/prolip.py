@@ -41,7 +41,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from fsbench.backbones import Backbone
-from fsbench.config import check_at_least, check_crop_scale, check_non_negative, check_positive
+from fsbench.checks import check_at_least, check_crop_scale, check_non_negative, check_positive
 from fsbench.data.templates import ensemble_templates
 from fsbench.errors import ConfigError, RunFailed
 from fsbench.images import Views, item_seed

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.config import check_at_least, check_betas, check_non_negative, check_positive
+from fsbench.checks import check_at_least, check_betas, check_non_negative, check_positive
 from fsbench.data.base import Item
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method

@@ -35,7 +35,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from fsbench.backbones import Backbone
-from fsbench.config import check_at_least, check_crop_scale, check_list, check_non_negative, positive
+from fsbench.checks import check_at_least, check_crop_scale, check_list, check_non_negative, positive
 from fsbench.data.templates import ensemble_templates
 from fsbench.features import Features
 from fsbench.images import Views, item_seed

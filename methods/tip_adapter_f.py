@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.config import check_at_least, check_non_negative, check_positive
+from fsbench.checks import check_at_least, check_non_negative, check_positive
 from fsbench.method import FewShotData, register_method
 from fsbench.methods.tip_adapter import TipAdapter, TipAdapterConfig, cache_logits
 from fsbench.training import BestOnValidation, all_steps, cosine_lr, index_batches, top1, train_epochs
