@@ -51,9 +51,15 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
     """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method names
     are left to the live registry when a plug-in or entry point may add some."""
     idx = index()
-    for name in protocols:
-        if name.lower() not in idx["protocols"]:
-            raise _unknown("protocol", name, idx["protocols"])
+    if extra_methods_possible():  # a plug-in may register protocols too: the live (torch-free) registry
+        from fsbench.protocols import PROTOCOLS
+
+        for name in protocols:
+            PROTOCOLS.get(name)
+    else:
+        for name in protocols:
+            if name.lower() not in idx["protocols"]:
+                raise _unknown("protocol", name, idx["protocols"])
     if not extra_methods_possible():
         for name in methods:
             if name.lower() not in idx["methods"]:
@@ -81,8 +87,9 @@ def build() -> dict[str, Any]:
     own = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("fsbench.")]
     methods = {n: {"input": METHODS.get(n).input_kind, "unseen": METHODS.get(n).scores_unseen_classes(),
                    "summary": METHODS.get(n).summary, "paper": METHODS.get(n).paper} for n in own}
+    builtin = [n for n in PROTOCOLS.names() if PROTOCOLS.get(n).__module__.startswith("fsbench.")]
     protocols = {n: {"version": PROTOCOLS.get(n).version, "metrics": list(PROTOCOLS.get(n).metric_names),
-                     "summary": PROTOCOLS.get(n).summary} for n in PROTOCOLS.names()}
+                     "summary": PROTOCOLS.get(n).summary} for n in builtin}
     shown = [k.upper().replace("VIT", "ViT") for k in PAPER_BACKBONES] + list(ALIASES) + BACKBONES.names()
     return {
         "methods": methods,

@@ -306,7 +306,7 @@ def test_another_seeds_persisted_draw_is_drawn_again(lab, capsys):
     assert dtd_run(capsys)[0] == 0
     assert cli(capsys, *RUN[:5], "-s", "2", "--device", "cpu", "--workers", "0", "-m", "zero_shot", "-d", "dtd",
                "--data-root", "data")[0] == 0
-    splits = lab / ".fsbench_cache/splits/dtd"
+    splits = lab / ".fsbench_cache/splits/dtd/clip_lora"  # the default sampler's draws
     mine, other = json.loads((splits / "shots1_seed1.json").read_text()), json.loads(
         (splits / "shots1_seed2.json").read_text())
     assert mine["train"] != other["train"]
@@ -413,7 +413,7 @@ def test_two_configs_of_one_cell_at_once_lose_nothing_silently(lab, make_runner,
     with pytest.raises(FsbenchError, match="meanwhile") as info:
         second.run(spec)
     assert len(str(info.value).splitlines()) == 1
-    kept = read_result(first.prepare(spec).paths["dtd"])
+    kept = read_result(first.planner.prepare(spec).paths["dtd"])
     assert kept.config["max_iter"] != 7  # the first run's result is not replaced without a word
 
 

@@ -506,11 +506,11 @@ def _two_configs_at_once(lab: Path, state: dict) -> None:
     theirs = Runner(load_config(None, [f"prop_probe.max_iter={state['max_iter']}"], data_root="data", device="cpu",
                                 workers=0, **flags))
     spec = RunSpec("prop_probe", "test-tiny", "dtd", 1, 1, checkpoint="w.pt")
-    prep = mine.prepare(spec)
-    mine.decide(prep, force=True)  # what it saw when it started
+    prep = mine.planner.prepare(spec)
+    mine.planner.decide(prep, force=True)  # what it saw when it started
     theirs.run(spec, force=True)  # the other run finishes first
     with pytest.raises(ResultConflict, match="meanwhile") as info:
-        mine._record(prep, mine._attempt(prep, False)[0])
+        mine.recorder.write(prep, mine._attempt(prep, False)[0])
     assert len(str(info.value).splitlines()) == 1
     assert stored(lab, "prop_probe").config["max_iter"] == state["max_iter"]  # theirs, not lost
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from fsbench.protocols import EvalSet, Protocol, Target, class_set, fit_all, register_protocol
+from fsbench.protocols import EvalSet, Protocol, TableShape, Target, class_set, fit_all, register_protocol
 
 
 @register_protocol("online_toy")
@@ -21,6 +21,7 @@ class OnlineToy(Protocol):
     summary = "toy online test-time protocol: two test halves, one image at a time, reset between them"
     unlabelled = "online"
     online_batch = 1
+    table = TableShape(columns="metrics")  # one table, a column per metric (as CoCoOp's Table 1)
 
     def episode(self, source, draw, targets):
         classes = class_set(source)
