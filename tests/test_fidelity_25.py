@@ -14,6 +14,7 @@ from fsbench.cli import main
 from fsbench.data import load_dataset
 from fsbench.errors import DataError
 from fsbench.protocols import class_set, make_protocol
+from fsbench.splits import FewShotSplit
 
 WNIDS = imagenet_wnids(6)
 
@@ -31,7 +32,8 @@ def test_variant_classes_follow_the_source_by_wnid(tmp_path: Path, name: str) ->
     _imagenet_without(tmp_path, WNIDS[2])
     make_dg_target(tmp_path, name, [WNIDS[1], WNIDS[3], WNIDS[4]])
     source, target = load_dataset("imagenet", tmp_path), load_dataset(name, tmp_path)
-    episode = make_protocol("domain_generalisation", dg_targets=[name]).episode(source, FewShotSplit(source.name, 1, 1, (), ()), {name: target})
+    nothing = FewShotSplit(source.name, 1, 1, (), ())
+    episode = make_protocol("domain_generalisation", dg_targets=[name]).episode(source, nothing, {name: target})
     evaluated = episode.results[1].evals[0].classes
     rows = evaluated.rows_in(episode.classes)
     assert rows is not None
