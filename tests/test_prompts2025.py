@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 
 import open_clip
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from test_method_contract import fitted
+from test_report_protocols import ROOT, _record
 from test_sweep import results_by_key, sweep_args
 
 from fsbench.attention import split_attention
@@ -18,11 +20,24 @@ from fsbench.backbones import Backbone, BackboneSpec
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.method import Context
-from fsbench.methods.promptsrc import PROMPTSRC_TEMPLATES, PromptSRC, gpa_weights, template_mean_features
-from fsbench.methods.tcp import TCP
+from fsbench.methods.promptsrc import (
+    PROMPTSRC_TEMPLATES,
+    PromptSRC,
+    PromptSRCPrompts,
+    gpa_weights,
+    template_mean_features,
+)
+from fsbench.methods.tcp import TCP, TCPLearner
 from fsbench.prompt_hooks import block_tokens_hook, deep_prompts_hook
 from fsbench.prompts import assemble_prompts, encode_prompts, frozen_image_features
 from fsbench.protocols import ClassSet
+from fsbench.report.compare import (
+    base2new_markdown,
+    compare_base2new,
+    compare_to_reference,
+    fewshot_reference,
+    load_reference,
+)
 from fsbench.towers import text_forward, vision_tokens
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
@@ -222,3 +237,32 @@ def test_sweep_of_promptsrc_and_tcp_on_the_tiny_backbone(tmp_path, synthetic_roo
     results = results_by_key(tmp_path / "results")
     assert set(results) == {(m, s, 1) for m in ("promptsrc", "tcp") for s in (1, 2)}
     assert all(r.error is None for r in results.values())
+
+
+def test_trainable_parameters_on_vit_b16_widths_equal_the_official_counts():
+    """The official counts on a random ViT-B/16 (tests/fixtures/*/README.md): PromptSRC 46,080, TCP 331,904
+    (text width 512, vision width 768, feature dim 512, depth 9, 4 + 4 tokens)."""
+    promptsrc = PromptSRCPrompts(torch.zeros(4, 512), 9, 4, 768, 9, seed=1)
+    assert sum(p.numel() for p in promptsrc.parameters()) == 46_080
+    tcp = TCPLearner(torch.zeros(4, 512), 512, 4, 4, seed=1)
+    assert sum(p.numel() for p in tcp.parameters()) == 331_904
+
+
+def test_published_base_to_new_numbers_compare_with_base2new_runs_only(tmp_path):
+    """results/reference/prompt_methods_2025.csv: PromptSRC's base-to-new averages compare with
+    base2new Averages (H of the averaged Base and New), never with few-shot cells."""
+    ref = load_reference(ROOT / "results" / "reference" / "prompt_methods_2025.csv")
+    assert set(ref["protocol"]) == {"base2new"} and fewshot_reference(ref).empty
+    rows = [_record("promptsrc", d, s, "base2new", {"base": b + s, "new": n + s, "hm": None})
+            for d, b, n in (("dtd", 80.0, 60.0), ("eurosat", 90.0, 70.0)) for s in (1, 2)]
+    rows.append(_record("promptsrc", "dtd", 1, "fewshot", {"top1": 79.97}))  # a few-shot cell never compares
+    df = pd.DataFrame(rows)
+    fewshot, others = df[df["protocol"] == "fewshot"], df[df["protocol"] == "base2new"]
+    assert compare_to_reference(fewshot.assign(status="ok"), ref).empty
+    cmp = compare_base2new(others, ref).set_index("metric")
+    base, new = (81.5 + 91.5) / 2, (61.5 + 71.5) / 2
+    assert cmp.loc["base", "delta"] == pytest.approx(base - 84.26)
+    assert cmp.loc["new", "delta"] == pytest.approx(new - 76.10)
+    assert cmp.loc["hm", "delta"] == pytest.approx(2 * base * new / (base + new) - 79.97)
+    assert "Δ vs published, base-to-new" in base2new_markdown(others, ref)
+    assert base2new_markdown(others, None) == ""
