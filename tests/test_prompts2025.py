@@ -20,6 +20,7 @@ from fsbench.backbones import Backbone, BackboneSpec
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.method import Context
+from fsbench.methods.dept import DePTCoOp, DePTKgCoOp
 from fsbench.methods.promptsrc import (
     PROMPTSRC_TEMPLATES,
     PromptSRC,
@@ -228,14 +229,15 @@ def test_deep_prompts_hook_replaces_from_the_start_and_the_end():
 
 
 def test_sweep_of_promptsrc_and_tcp_on_the_tiny_backbone(tmp_path, synthetic_root, capsys, monkeypatch):
-    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp --backbones test-tiny
-    --datasets synthetic --shots 1,2 --seeds 1` (short schedules)."""
+    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp,dept_coop,dept_kgcoop
+    --backbones test-tiny --datasets synthetic --shots 1,2 --seeds 1` (short schedules)."""
     monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
-    args = [*sweep_args(tmp_path, synthetic_root), "--methods", "promptsrc,tcp", "--shots", "1,2", "--seeds", "1",
-            "--set", "promptsrc.epochs=2", "--set", "tcp.epochs=2"]
+    methods = ("promptsrc", "tcp", "dept_coop", "dept_kgcoop")
+    args = [*sweep_args(tmp_path, synthetic_root), "--methods", ",".join(methods), "--shots", "1,2", "--seeds", "1",
+            *[a for m in methods for a in ("--set", f"{m}.epochs=2")]]
     assert main(args) == 0
     results = results_by_key(tmp_path / "results")
-    assert set(results) == {(m, s, 1) for m in ("promptsrc", "tcp") for s in (1, 2)}
+    assert set(results) == {(m, s, 1) for m in methods for s in (1, 2)}
     assert all(r.error is None for r in results.values())
 
 
@@ -266,3 +268,47 @@ def test_published_base_to_new_numbers_compare_with_base2new_runs_only(tmp_path)
     assert cmp.loc["hm", "delta"] == pytest.approx(2 * base * new / (base + new) - 79.97)
     assert "Δ vs published, base-to-new" in base2new_markdown(others, ref)
     assert base2new_markdown(others, None) == ""
+
+
+DEPT_NAMES = {"prompt_learner.ctx": "context", "film_lp_img.scale": "head.image.scale",
+              "film_lp_img.bias": "head.image.bias", "film_lp_text.scale": "head.text.scale",
+              "film_lp_text.bias": "head.text.bias", "linear_probe_proj.weight": "head.linear.weight",
+              "linear_probe_proj.bias": "head.linear.bias"}
+
+
+@pytest.mark.parametrize("base", ["coop", "kgcoop"])
+def test_dept_loss_and_gradients_equal_the_official_code(base, parity_backbone):
+    data = torch.load(FIXTURES / "dept" / f"official_loss_{base}.pt", weights_only=False)
+    names = data["classnames"]
+    classes = ClassSet("oxford_pets", "oxford_pets", tuple(range(len(names))), tuple(names),
+                       ("a photo of a {}, a type of pet.",))  # KgCoOp's CUSTOM_TEMPLATES["OxfordPets"]
+    cls = DePTKgCoOp if base == "kgcoop" else DePTCoOp
+    method = cls(method_config(cls, {"logit_scale": data["logit_scale"]}), Context(parity_backbone, classes, CPU, 1, 1))
+    method._build()
+    ours = {"context": method.context, **{f"head.{k}": p for k, p in method.head.named_parameters()}}
+    with torch.no_grad():
+        for official_name, name in DEPT_NAMES.items():
+            ours[name].copy_(data["init"][official_name])
+    loss = method.loss(data["images"], data["labels"])
+    loss.backward()
+    assert math.isclose(loss.item(), data["loss"], rel_tol=1e-5)
+    # the official KgCoOp prompt learner's meta_net and bias_vectors require grad but never get one
+    assert set(data["grads"]) == set(DEPT_NAMES)
+    assert_grads({k: ours[DEPT_NAMES[k]].grad for k in data["grads"]}, data["grads"])
+
+
+@torch.no_grad()
+def test_dept_fuses_on_fitted_classes_and_uses_similarity_on_unseen_ones(tiny, synthetic):
+    ctx = Context(tiny, synthetic, CPU, seed=1, shots=1)
+    method = DePTCoOp(method_config(DePTCoOp, {}), ctx)
+    method._build()
+    method._finish()
+    x = tiny.model.encode_image(_images(tiny))
+    sim = 100 * F.normalize(x, dim=-1) @ F.normalize(method.text, dim=-1).T
+    lp = method.head.linear(x)  # cwT starts as the identity
+    torch.testing.assert_close(method.logits(x), 0.3 * sim + 0.7 * lp)
+    names = tuple(f"unseen {n}" for n in synthetic.classnames[:2])
+    ctx.classes = ClassSet("synthetic", "other", (0, 1), names, ("a photo of a {}.",))
+    method.retarget()
+    torch.testing.assert_close(method.logits(x), 100 * F.normalize(x, dim=-1) @ F.normalize(method.text, dim=-1).T)
+    assert method.logits(x).shape == (3, 2)
