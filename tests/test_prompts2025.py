@@ -20,7 +20,7 @@ from fsbench.backbones import Backbone, BackboneSpec
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.method import Context
-from fsbench.methods.dept import DePTCoOp, DePTKgCoOp
+from fsbench.methods.dept import DePTCoOp, DePTHead, DePTKgCoOp
 from fsbench.methods.promptsrc import (
     PROMPTSRC_TEMPLATES,
     PromptSRC,
@@ -248,6 +248,8 @@ def test_trainable_parameters_on_vit_b16_widths_equal_the_official_counts():
     assert sum(p.numel() for p in promptsrc.parameters()) == 46_080
     tcp = TCPLearner(torch.zeros(4, 512), 512, 4, 4, seed=1)
     assert sum(p.numel() for p in tcp.parameters()) == 331_904
+    head = sum(p.numel() for p in DePTHead(512, 3, cwt=True, seed=1).parameters())  # 3 classes
+    assert 16 * 512 + head == 11_779  # dept_coop; dept_kgcoop: 4 x 512 + head (official + unused 263,168)
 
 
 def test_published_base_to_new_numbers_compare_with_base2new_runs_only(tmp_path):
