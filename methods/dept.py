@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.backbones import BackboneInfo
 from fsbench.config import check_at_least, check_crop_scale, check_fraction, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
@@ -137,6 +138,12 @@ class DePT(Method):
     input_kind = "images"
     eval_input = "features"  # the image tower is frozen: logits score cached unnormalised features
     eval_encoder = ("unnormalised-image", unnormalised_image_features)
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        if not backbone.text_attention:
+            return "its text tower is a Hugging Face model (no token-embedding entry point)"
+        return None
 
     def _build(self) -> None:
         cfg, ctx = self.config, self.ctx
