@@ -2,7 +2,7 @@
 a channel-wise transform (cwT) of the image and text features and a linear classifier head beside the
 prompt method's cosine logits, trained jointly; on the fitted classes the two logits are fused, on unseen
 classes only the prompt method's logits remain. Registered per base method, so that a result names both
-parts: `dept_coop` (DePT on CoOp) and `dept_kgcoop` (DePT on KgCoOp).
+parts: `dept_coop` (DePT on CoOp), `dept_kgcoop` (DePT on KgCoOp) and `dept_maple` (DePT on MaPLe).
 
     f, v = the base method's unnormalised image / class text features
     sim = s cos(f, v)                      (the base method's logits)
@@ -28,12 +28,16 @@ Official code: github.com/Koorye/DePT (commit d4ff416):
 Deviations: the official code builds the head only for base classes (base-to-new) or ImageNet (cross-dataset
 source); under fsbench's few-shot protocol the fitted classes play the base classes' part. bf16 autocast on
 GPU (official fp16); parameters from generators seeded by the run's seed; the test split's unnormalised image
-features are cached once per backbone (`eval_encoder`). DePT on MaPLe (trainers/elp_maple.py) is not
-implemented here.
+features are cached once per backbone (`eval_encoder`; DePT on MaPLe re-encodes the test images through its
+prompted vision tower). DePT on MaPLe follows trainers/elp_maple.py:43-150 (the same head, loss and fusion on
+MaPLe's prompted features; ExtrasLinearProbeMaPLe/vit_b16_c2_ep10_batch4_2ctx.yaml: 2 tokens, depth 9, 10
+epochs, batch 4) on fsbench's MaPLe prompts (methods/maple.py); its loss is not checked against the official
+code (the official MaPLe projection is hard-coded 512 -> 768, too wide for the random parity model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,8 +50,10 @@ from fsbench.config import check_at_least, check_crop_scale, check_fraction, che
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.lora import train_transform
+from fsbench.methods.maple import MaPLePrompts, maple_prompts, usable_depth
 from fsbench.prompts import Prompts, assemble_prompts, build_prompts
 from fsbench.text import encode_token_embeddings
+from fsbench.towers import backbone_support, text_forward, tower_support, vision_tokens
 from fsbench.training import DasslRecipe, dassl_lr, dassl_steps, fewshot_image_batches, train_epochs
 
 
@@ -92,6 +98,22 @@ class DePTKgCoOpConfig(DePTCoOpConfig):
     kg_weight: float = 2.0
 
     section: ClassVar[str] = "dept_kgcoop"
+
+
+@dataclass
+class DePTMaPLeConfig(DePTCoOpConfig):
+    """DePT on MaPLe (ExtrasLinearProbeMaPLe/vit_b16_c2_ep10_batch4_2ctx.yaml:31-36)."""
+
+    n_ctx: int = 2  # the first n_ctx tokens of `init` are learned (MaPLe's context)
+    init: str = "a photo of a"
+    depth: int = 9  # MaPLe's prompt depth (capped at the shallower tower)
+    coupling: bool = True  # MaPLe's projected vision prompts
+
+    section: ClassVar[str] = "dept_maple"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self.section, "depth", self.depth, 1)
 
 
 class ChannelTransform(nn.Module):
@@ -163,7 +185,7 @@ class DePT(Method):
         bb = ctx.backbone
         batches = fewshot_image_batches(train, train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale),
                                         cfg.batch_size, ctx.generator())
-        groups = [{"params": [self.context], "base_lr": cfg.lr},
+        groups = [{"params": self.prompt_parameters(), "base_lr": cfg.lr},
                   {"params": list(self.head.parameters()), "base_lr": cfg.lr * cfg.lr_mult}]
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -176,6 +198,19 @@ class DePT(Method):
                      f"train {self.name}", end_epoch=lambda e: set_lrs(e + 1))
         self._finish()
 
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """What the base method trains (the prompt's lr group)."""
+        return [self.context]
+
+    def image_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) unnormalised image features of the frozen image tower."""
+        with torch.no_grad():
+            return unnormalised_image_features(self.ctx.backbone.model, images).float()
+
+    def eval_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What `logits` receives -> unnormalised image features (cached ones here)."""
+        return x.float()
+
     def text_raw(self) -> torch.Tensor:
         """(C, D) unnormalised class text features of the learned prompts."""
         x = assemble_prompts(self.prompts, self.context)
@@ -186,9 +221,7 @@ class DePT(Method):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        with torch.no_grad():
-            image = unnormalised_image_features(self.ctx.backbone.model, images).float()
-        text = self.text_raw()
+        image, text = self.image_raw(images), self.text_raw()
         loss = dept_loss(self.similarity(image, text), self.head, text, image, labels, cfg.lp_weight)
         if self.handcrafted is not None:  # trainers/elp_kgcoop.py:120-129
             score = 1.0 - F.cosine_similarity(text, self.handcrafted, dim=1, eps=1e-7).mean()
@@ -196,7 +229,8 @@ class DePT(Method):
         return loss
 
     def _finish(self) -> None:
-        self.context.requires_grad_(False)
+        for p in self.prompt_parameters():
+            p.requires_grad_(False)
         self.head.requires_grad_(False)
         with torch.no_grad(), self.ctx.autocast():
             self.text = self.text_raw()
@@ -208,8 +242,8 @@ class DePT(Method):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores of (N, D) unnormalised image features (`eval_encoder`)."""
-        cfg, x = self.config, x.float()
+        """Scores of (N, D) unnormalised image features (`eval_encoder`; images for DePT on MaPLe)."""
+        cfg, x = self.config, self.eval_features(x)
         sim = self.similarity(x, self.text)
         if self.ctx.classes != self.fitted_classes:
             return sim
@@ -217,7 +251,7 @@ class DePT(Method):
         return (1 - cfg.lp_weight) * sim + cfg.lp_weight * lp if cfg.fusion else lp
 
     def trainable_params(self) -> int:
-        return self.context.numel() + sum(p.numel() for p in self.head.parameters())
+        return sum(p.numel() for p in [*self.prompt_parameters(), *self.head.parameters()])
 
     def inference_overhead(self) -> int:
         return self.trainable_params()
@@ -250,3 +284,62 @@ class DePTKgCoOp(DePT):
     Config = DePTKgCoOpConfig
     paper = "Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on KgCoOp, Yao et al., CVPR 2023)"
     summary = "DePT on KgCoOp: channel-wise transform + linear head beside KgCoOp's cosine logits (w = 0.7)"
+
+
+@register_method("dept_maple")
+class DePTMaPLe(DePT):
+    """DePT on MaPLe: coupled deep prompts (2 tokens, depth 9) + cwT and the fused linear head."""
+
+    Config = DePTMaPLeConfig
+    eval_input = None  # the vision tower is prompted: logits take images
+    eval_encoder = None
+    paper = "Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on MaPLe, Khattak et al., CVPR 2023)"
+    summary = "DePT on MaPLe: channel-wise transform + linear head beside MaPLe's cosine logits (w = 0.7)"
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        return backbone_support(backbone)
+
+    def _build(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        model = ctx.backbone.model
+        reason = tower_support(model)
+        if reason:
+            raise ConfigError(f"{self.name} cannot run on {ctx.backbone.spec.name}: {reason}")
+        self.config = cfg = dataclasses.replace(cfg, depth=usable_depth(cfg.depth, model))
+        self.prompts = maple_prompts(self)
+        self.learner = MaPLePrompts(self.prompts.init, cfg.depth, model.visual.transformer.width, cfg.coupling,
+                                    ctx.seed).to(ctx.device)
+        self.head = DePTHead(ctx.backbone.embed_dim, ctx.num_classes, cfg.cwt, ctx.seed).to(ctx.device)
+        self.fitted_classes = ctx.classes
+        self.handcrafted = None
+
+    def make_prompts(self) -> Prompts:
+        return maple_prompts(self)
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return list(self.learner.parameters())
+
+    def image_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) unnormalised image features with MaPLe's coupled vision prompts."""
+        prompts, hook = self.learner.vision_prompts()
+        return vision_tokens(self.ctx.backbone.model, images, prompts, hook)[0].float()
+
+    def eval_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_raw(x)
+
+    def text_raw(self) -> torch.Tensor:
+        x = assemble_prompts(self.prompts, self.learner.context)
+        return text_forward(self.ctx.backbone.model, x, self.prompts.eot, self.learner.text_hook(),
+                            normalize=False).float()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        head = {f"head.{k}": v.detach() for k, v in self.head.state_dict().items()}
+        return {**{f"learner.{k}": v.detach() for k, v in self.learner.state_dict().items()}, **head}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build()
+        self.learner.load_state_dict({k.removeprefix("learner."): v for k, v in tensors.items()
+                                      if k.startswith("learner.")})
+        self.head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+        self._finish()

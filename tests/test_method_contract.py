@@ -40,6 +40,7 @@ FAST = {
     "tcp": {"epochs": 2},
     "dept_coop": {"epochs": 2},
     "dept_kgcoop": {"epochs": 2},
+    "dept_maple": {"epochs": 2},
 }
 
 

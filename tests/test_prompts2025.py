@@ -20,7 +20,7 @@ from fsbench.backbones import Backbone, BackboneSpec
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.method import Context
-from fsbench.methods.dept import DePTCoOp, DePTHead, DePTKgCoOp
+from fsbench.methods.dept import DePTCoOp, DePTHead, DePTKgCoOp, DePTMaPLe
 from fsbench.methods.promptsrc import (
     PROMPTSRC_TEMPLATES,
     PromptSRC,
@@ -229,10 +229,10 @@ def test_deep_prompts_hook_replaces_from_the_start_and_the_end():
 
 
 def test_sweep_of_promptsrc_and_tcp_on_the_tiny_backbone(tmp_path, synthetic_root, capsys, monkeypatch):
-    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp,dept_coop,dept_kgcoop
+    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp,dept_coop,dept_kgcoop,dept_maple
     --backbones test-tiny --datasets synthetic --shots 1,2 --seeds 1` (short schedules)."""
     monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
-    methods = ("promptsrc", "tcp", "dept_coop", "dept_kgcoop")
+    methods = ("promptsrc", "tcp", "dept_coop", "dept_kgcoop", "dept_maple")
     args = [*sweep_args(tmp_path, synthetic_root), "--methods", ",".join(methods), "--shots", "1,2", "--seeds", "1",
             *[a for m in methods for a in ("--set", f"{m}.epochs=2")]]
     assert main(args) == 0
@@ -314,3 +314,25 @@ def test_dept_fuses_on_fitted_classes_and_uses_similarity_on_unseen_ones(tiny, s
     method.retarget()
     torch.testing.assert_close(method.logits(x), 100 * F.normalize(x, dim=-1) @ F.normalize(method.text, dim=-1).T)
     assert method.logits(x).shape == (3, 2)
+
+
+@torch.no_grad()
+def test_dept_on_maple_uses_maples_prompted_features(tiny, synthetic):
+    """DePT on MaPLe: the cosine part is MaPLe's (same prompts, same learner); the head reads the prompted,
+    unnormalised image feature; fitted classes fuse 0.3 / 0.7."""
+    from fsbench.methods.maple import MaPLe
+
+    ctx = Context(tiny, synthetic, CPU, seed=1, shots=1)
+    dept = DePTMaPLe(method_config(DePTMaPLe, {}), ctx)
+    dept._build()
+    maple = MaPLe(method_config(MaPLe, {}), ctx)
+    maple._build()
+    maple.learner.load_state_dict(dept.learner.state_dict())
+    assert dept.config.depth == maple.config.depth == 2
+    torch.testing.assert_close(F.normalize(dept.text_raw(), dim=-1), maple.text_features())
+    images = _images(tiny)
+    image = dept.image_raw(images)
+    torch.testing.assert_close(F.normalize(image, dim=-1), maple.image_features(images))
+    dept._finish()
+    sim = 100 * F.normalize(image, dim=-1) @ F.normalize(dept.text, dim=-1).T
+    torch.testing.assert_close(dept.logits(images), 0.3 * sim + 0.7 * dept.head.linear(image))
