@@ -14,6 +14,7 @@ import pandas as pd
 from fsbench.errors import ConfigError
 from fsbench.report.ablation import PAPER_DEFAULTS, ablation_frame
 from fsbench.report.cost import paper_cost_markdown, paper_cost_table
+from fsbench.report.protocols import protocol_summary
 from fsbench.report.style import AVERAGE, dataset_label, order_datasets, order_methods
 from fsbench.report.tables import fewshot_rows, summary
 
@@ -31,6 +32,8 @@ NOT_STATED = "(not stated)"
 FIGURE3_ENCODERS = {"vision": "vision", "text": "text", "vision+text": "both"}
 FIGURE3_MATRICES = {"Wq": "q", "Wk": "k", "Wv": "v", "Wo": "o", "WqWv": "qv", "WqWvWk": "qkv",
                     "WqWvWkWo": "qkvo"}
+B2N_COLUMNS = ["backbone", "shots", "method", "dataset", "metric", "mean", "n", "reference", "delta", "source",
+               "table"]
 COMPARISON_COLUMNS = ["backbone", "shots", "method", "dataset", "mean", "n", "reference", "delta",
                       "source", "table"]
 ABLATION_COLUMNS = ["backbone", "dataset", "shots", "variant", "matrices", "rank", "position", "encoder",
@@ -75,6 +78,7 @@ def compare_to_reference(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
     """
     ours = summary(fewshot_rows(df))
     ours = ours[~ours["partial"]]
+    ref = fewshot_reference(ref)
     if ours.empty or ref.empty:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     ref = ref.assign(_bb=ref["backbone"].map(backbone_key)).rename(columns={"top1": "reference"})
@@ -84,6 +88,47 @@ def compare_to_reference(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
     merged = ours.merge(ref[keys + ["reference", "source", "table"]], on=keys, how="inner")
     merged["delta"] = merged["mean"] - merged["reference"]
     return merged[COMPARISON_COLUMNS].sort_values(["backbone", "shots", "method", "dataset"], ignore_index=True)
+
+
+def fewshot_reference(ref: pd.DataFrame) -> pd.DataFrame:
+    """The few-shot rows of a reference: all of them without a `protocol` column, else those whose
+    protocol is empty or "fewshot" (rows of "base2new" compare through `compare_base2new`)."""
+    if "protocol" not in ref.columns:
+        return ref
+    return ref[ref["protocol"].fillna("fewshot").isin(["fewshot", ""])]
+
+
+def compare_base2new(others: pd.DataFrame, ref: pd.DataFrame | None) -> pd.DataFrame:
+    """Base-to-new cells against reference rows with `protocol` "base2new" (their `metric` is base, new
+    or hm; `top1` holds its accuracy in %): delta = reproduced mean − published, complete cells only;
+    an Average compares with a reference Average as in `compare_to_reference`. Columns: B2N_COLUMNS."""
+    if ref is None or "protocol" not in ref.columns or others.empty:
+        return pd.DataFrame(columns=B2N_COLUMNS)
+    ref = ref[ref["protocol"] == "base2new"]
+    ours = protocol_summary(others, "base2new")
+    if ref.empty or ours.empty:
+        return pd.DataFrame(columns=B2N_COLUMNS)
+    ours = ours[~ours["partial"]].drop(columns="source").assign(_bb=lambda f: f["backbone"].map(backbone_key))
+    ref = ref.assign(_bb=ref["backbone"].map(backbone_key)).rename(columns={"top1": "reference"})
+    keys = ["_bb", "method", "dataset", "shots", "metric"]
+    merged = ours.merge(ref[keys + ["reference", "source", "table"]], on=keys, how="inner")
+    merged["delta"] = merged["mean"] - merged["reference"]
+    return merged[B2N_COLUMNS].sort_values(["backbone", "shots", "method", "dataset", "metric"], ignore_index=True)
+
+
+def base2new_markdown(others: pd.DataFrame, ref: pd.DataFrame | None, decimals: int = 2) -> str:
+    """The report's "Δ vs published, base-to-new" section ("" when no cell compares)."""
+    cmp = compare_base2new(others, ref)
+    if cmp.empty:
+        return ""
+    lines = ["## Δ vs published, base-to-new (reproduced mean − published)", "",
+             "| backbone | shots | method | dataset | metric | reproduced | published | Δ | source |",
+             "|:---|---:|:---|:---|:---|---:|---:|---:|:---|"]
+    for r in cmp.itertuples(index=False):
+        lines.append(f"| {r.backbone} | {r.shots} | {r.method} | {dataset_label(r.dataset)} | {r.metric} | "
+                     f"{r.mean:.{decimals}f} | {r.reference:.{decimals}f} | {signed(r.delta, decimals)} | "
+                     f"{r.source}, {r.table} |")
+    return "\n".join(lines + [""])
 
 
 def _same_datasets(ours: pd.DataFrame, ref: pd.DataFrame) -> pd.Series:

@@ -11,6 +11,7 @@ from fsbench.errors import ConfigError
 from fsbench.report.ablation import plot_ablation
 from fsbench.report.compare import (
     PaperSections,
+    base2new_markdown,
     compare_to_reference,
     delta_markdown,
     delta_table,
@@ -219,8 +220,8 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
     statistics, stats_files = write_statistics(df, out, formats, reference, notes)
     if "md" in formats:
         images = [p for p in written if p.suffix == ".png"]
-        (out / "report.md").write_text(_markdown(df, comparison, notes, images, statistics, paper,
-                                                 protocol_markdown(others), std))
+        protocols = protocol_markdown(others) + base2new_markdown(others, _reference(compare))
+        (out / "report.md").write_text(_markdown(df, comparison, notes, images, statistics, paper, protocols, std))
         written.append(out / "report.md")
     written += stats_files
     if "html" in formats:
