@@ -393,8 +393,8 @@ def _check_meanwhile(prep: Prepared, result: Result, path: Path, old: Result | N
     if old is None or old.status != "ok" or old.identity_hash == result.identity_hash:
         return  # nothing finished in the way, or the same run
     what = identity.describe_change(old.identity or None, result.identity)
-    raise ResultConflict(f"{path} was written by another run meanwhile ({what} differ); this run's result "
-                         f"(top1 {_fmt(result.top1)}) was not written: run it again with --results DIR to keep "
+    raise ResultConflict(f"{path} was written by another run meanwhile (its {what} is not this run's); this run's "
+                         f"result (top1 {_fmt(result.top1)}) was not written: run it again with --results DIR to keep "
                          "both, or with --force to replace that one")
 
 
