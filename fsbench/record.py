@@ -78,8 +78,8 @@ def _check_meanwhile(prep: Prepared, result: Result, path: Path, old: Result | N
         return  # nothing finished in the way, or the same run
     what = identity.describe_change(old.identity or None, result.identity)
     top1 = "-" if result.top1 is None else f"{result.top1:.2f}"
-    raise ResultConflict(f"{path} was written by another run meanwhile ({what} differ); this run's result "
-                         f"(top1 {top1}) was not written: run it again with --results DIR to keep "
+    raise ResultConflict(f"{path} was written by another run meanwhile (its {what} is not this run's); this run's "
+                         f"result (top1 {top1}) was not written: run it again with --results DIR to keep "
                          "both, or with --force to replace that one")
 
 
