@@ -78,10 +78,11 @@ def test_bad_bench_toml(capsys, tmp_path: Path, text: str, expected: list[str]) 
 
 def test_shots_larger_than_a_class(capsys, synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["run", "-m", "zero_shot", *FAST, "--shots", "17", "--data-root", str(synthetic_root)]
+    args = ["run", "-m", "zero_shot", *FAST, "--shots", "17", "--data-root", str(synthetic_root),
+            "--sampler", "fsbench"]  # clip_lora and coop have small-class rules of their own
     code, err = run_cli(capsys, *args)
     assert code == 3 and "has 16 images but 17 shots were asked" in err and "--allow-repeat" in err
-    assert run_cli(capsys, *args, "--allow-repeat")[0] == 0  # CoOp's fallback: sample with replacement
+    assert run_cli(capsys, *args, "--allow-repeat")[0] == 0  # sample with replacement (CLIP-LoRA's rule)
     split = json.loads((tmp_path / ".fsbench_cache/splits/synthetic/shots17_seed1_repeat.json").read_text())
     assert len(split["train"]) == 170 and len({tuple(x) for x in split["train"]}) <= 160
 
@@ -103,7 +104,7 @@ def test_all_unreadable_images_are_named(capsys, private_root: Path, tmp_path: P
     bad = damage(private_root, [data.train[split.train[3]].path, data.val[split.val[1]].path, "pink_bars/test_09.png"])
     damage(private_root, [undrawn])
     args = ["run", "-m", "zero_shot", *FAST[:-4], "--workers", "1", "--seed", "1", "--shots", "1",
-            "--data-root", str(private_root), "--results", "res"]
+            "--data-root", str(private_root), "--results", "res", "--sampler", "fsbench"]  # draw_split's draw
     code, err = run_cli(capsys, *args)
     assert code == 3 and "3 unreadable images under" in err and "--skip-bad-images" in err
     assert all(b in err for b in bad) and undrawn not in err

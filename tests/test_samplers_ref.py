@@ -106,3 +106,13 @@ def test_reference_samplers_are_registered_and_versioned() -> None:
     for ref in REFS:
         cls = SAMPLERS.get(ref)
         assert cls.tag() == f"{ref}/v1" and cls.summary and not cls.honours_repeat
+
+
+@pytest.mark.parametrize("ref", REFS)
+def test_another_validation_size_follows_the_samplers_rule(root: Path, ref: str) -> None:
+    data = load_dataset("eurosat", root)  # LP++ asks for K validation shots per class
+    split = get_sampler(ref).draw(data, 8, 1, val_shots=8)
+    labels = [it.label for it in split.items(data, "val")]
+    have = {c: sum(it.label == c for it in data.val) for c in range(len(data.classnames))}
+    for c, n in have.items():  # clip_lora: with replacement; coop: what the class has
+        assert labels.count(c) == (8 if ref == "clip_lora" else min(8, n))
