@@ -121,6 +121,7 @@ class GDA(Method):
     input_kind = "features"
     paper = "Wang et al., A Hard-to-Beat Baseline for Training-free CLIP-based Adaptation, ICLR 2024"
     summary = "GDA: shared-covariance Gaussian classifier on features + zero-shot, alpha picked on val"
+    version = 2  # issue 25: ImageNet: the official 7-template zero-shot term and 0.08-1 crop scale
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         if self.config.crop_scale is None:

@@ -73,6 +73,7 @@ class KgCoOp(CoOp):
     Config = KgCoOpConfig
     paper = "Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, CVPR 2023"
     summary = "KgCoOp: CoOp + 8.0 x distance of learned to hand-crafted class text features"
+    version = 2  # issue 25: DTD: the official hand-crafted prompt
 
     def prepare(self, train: FewShotData) -> None:
         ctx = self.ctx

@@ -193,6 +193,7 @@ class PlotPP(Method):
     input_kind = "images"
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023"
     summary = "PLOT++: 4 text x 4 vision prompts matched by Sinkhorn OT, vision-only then joint stage"
+    version = 2  # issue 25: stage 1 trained once on seed 1's draw, shared by every seed
 
     @classmethod
     def supports(cls, backbone: BackboneInfo) -> str | None:

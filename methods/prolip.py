@@ -117,6 +117,7 @@ class ProLIP(Method):
     eval_encoder = ("prolip-pre-projection", pre_projection)
     paper = "Fahes et al., CLIP's Visual Embedding Projector is a Few-shot Cornucopia, arXiv 2410.05270"
     summary = "ProLIP: fine-tunes CLIP's visual projection with a penalty towards its weights"
+    version = 2  # issue 25: ImageNet: the official 7-template frozen classifier
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx
