@@ -327,6 +327,9 @@ def complete_block(scores: pd.DataFrame) -> list[str]:
         if size and best[0] <= size:
             break
         kept.remove(best[3] if best[0] else min(kept, key=lambda m: (int(have[m].sum()), -kept.index(m))))
+    if not _coverage(have, kept):  # greedy ended on a pair without 2 shared datasets: try every pair
+        pairs = [list(p) for p in itertools.combinations(scores.columns, 2)]
+        kept = max(pairs, key=lambda p: _coverage(have, p), default=kept)
     return kept
 
 
