@@ -140,9 +140,9 @@ def test_metadata_renders_a_table(name):
     df = pd.DataFrame(rows)
     grids = grids_of(df, name)
     assert grids and all(g.rows for g in grids)
-    text = "\n".join(grid_markdown(g) for g in grids)
+    text = "\n".join(f"### {g.title}\n{grid_markdown(g)}" for g in grids)
     labels = [m.label for m in metric_infos(cls)]
-    assert all(label in text for label in labels) or len(labels) == 1
+    assert all(label in text for label in labels) or len(labels) == 1  # in the header or the grid's title
     assert all(r"\toprule" in grid_latex(g) for g in grids)
     s = protocol_summary(df, name)
     plain = [m.name for m in metric_infos(cls) if m.seeds == "mean"]
