@@ -274,3 +274,10 @@ def test_docs_worked_example_is_the_plugin():
     docs = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
     block = re.search(r"<!-- protocol-plugin -->\n```python\n(.*?)```", docs, re.S)
     assert block and block.group(1) == PLUGIN.read_text()
+
+
+@pytest.mark.parametrize("command", [["report"], ["ls", "protocols"], ["report", "--help"]])
+def test_a_missing_plugin_file_is_one_line(command, tmp_path, capsys):
+    assert main([*command, "--plugin", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: plugin file") and "nope.py" in err and "\n" not in err
