@@ -140,9 +140,9 @@ def test_metadata_renders_a_table(name):
     df = pd.DataFrame(rows)
     grids = grids_of(df, name)
     assert grids and all(g.rows for g in grids)
-    text = "\n".join(grid_markdown(g) for g in grids)
+    text = "\n".join(f"### {g.title}\n{grid_markdown(g)}" for g in grids)
     labels = [m.label for m in metric_infos(cls)]
-    assert all(label in text for label in labels) or len(labels) == 1
+    assert all(label in text for label in labels) or len(labels) == 1  # in the header or the grid's title
     assert all(r"\toprule" in grid_latex(g) for g in grids)
     s = protocol_summary(df, name)
     plain = [m.name for m in metric_infos(cls) if m.seeds == "mean"]
@@ -274,3 +274,10 @@ def test_docs_worked_example_is_the_plugin():
     docs = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
     block = re.search(r"<!-- protocol-plugin -->\n```python\n(.*?)```", docs, re.S)
     assert block and block.group(1) == PLUGIN.read_text()
+
+
+@pytest.mark.parametrize("command", [["report"], ["ls", "protocols"], ["report", "--help"]])
+def test_a_missing_plugin_file_is_one_line(command, tmp_path, capsys):
+    assert main([*command, "--plugin", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: plugin file") and "nope.py" in err and "\n" not in err
