@@ -48,8 +48,8 @@ def _unknown(kind: str, name: str, known: Iterable[str], cutoff: float = 0.5) ->
 
 def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), datasets: Iterable[str] = (),
                 protocols: Iterable[str] = ()) -> None:
-    """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method names
-    are left to the live registry when a plug-in or entry point may add some."""
+    """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method, protocol
+    and dataset names are left to the live registry when a plug-in or entry point may add some."""
     idx = index()
     if extra_methods_possible():  # a plug-in may register protocols too: the live (torch-free) registry
         from fsbench.protocols import PROTOCOLS
@@ -66,8 +66,13 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
                 raise _unknown("method", name, idx["methods"])
     names = {n for main, aliases in idx["datasets"].items() for n in (main, *aliases)}
     for name in datasets:
-        if name.lower() not in names:
+        if name.lower() in names:
+            continue
+        if not extra_methods_possible():
             raise _unknown("dataset", name, names)
+        from fsbench.data import DATASETS  # a plug-in may register datasets: the live registry
+
+        DATASETS.get(name)
     for name in backbones:
         if name.lower() not in idx["backbones"] and name not in idx["open_clip_models"]:
             close = difflib.get_close_matches(name, idx["backbone_names"] + idx["open_clip_models"], n=1, cutoff=0.6)

@@ -45,6 +45,8 @@ class CoopLayout:
         image_dir: image folder inside the dataset folder ("" = the dataset folder itself).
         split_file: the split json inside the dataset folder.
         renames: class renames applied before "_" becomes " ".
+        template: the zero-shot prompt template ("a photo of a {}, a type of texture."); "" = fsbench's
+            table for `name` (`fsbench.data.templates.TEMPLATES`, CoOp's per-dataset templates).
     """
 
     name: str
@@ -52,6 +54,7 @@ class CoopLayout:
     image_dir: str
     split_file: str
     renames: Mapping[str, str] = field(default_factory=dict)
+    template: str = ""
 
     def layout(self) -> str:
         folder = self.folders[0]
@@ -88,7 +91,8 @@ def read_coop(root: Path, spec: CoopLayout) -> DatasetSplits:
         raise missing(spec.name, "split file", split_path, spec.layout())
     classnames, splits = read_split_file(split_path, spec.name)
     classnames = [prompt_name(spec.renames.get(c, c)) for c in classnames]
-    return build_splits(spec.name, image_root, classnames, TEMPLATES[spec.name], splits, split_path)
+    template = spec.template or TEMPLATES[spec.name]
+    return build_splits(spec.name, image_root, classnames, template, splits, split_path)
 
 
 def read_split_file(path: Path, name: str) -> tuple[list[str], dict[str, list[Item]]]:
@@ -144,13 +148,18 @@ def _inside(relpath: str) -> bool:
     return "\x00" not in relpath and ".." not in relpath.replace("\\", "/").split("/")
 
 
-def _register(spec: CoopLayout) -> None:
+def register_coop_layout(spec: CoopLayout, aliases: tuple[str, ...] = ()) -> None:
+    """Register a reader for a dataset in CoOp's split-json layout (one line in a plug-in file)."""
+    _register(spec, aliases)
+
+
+def _register(spec: CoopLayout, aliases: tuple[str, ...] = ()) -> None:
     def reader(root: Path) -> DatasetSplits:
         return read_coop(root, spec)
 
     reader.__name__ = reader.__qualname__ = f"read_{spec.name}"
     reader.__doc__ = f"Read {spec.name} in {spec.layout()}."
-    for name in (spec.name, *ALIASES.get(spec.name, ())):
+    for name in (spec.name, *ALIASES.get(spec.name, ()), *aliases):
         register_dataset(name)(reader)
 
 
