@@ -151,6 +151,8 @@ def split_to_json(split: FewShotSplit, data: DatasetSplits) -> dict:
 
 def split_from_json(obj: dict, data: DatasetSplits, source: str) -> FewShotSplit:
     """Map a portable split back to indices of `data`; every file must exist in its split."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: malformed few-shot split file (not a JSON object)")
     try:
         out = {}
         names = {"train": str(obj.get("train_split", "train")), "val": str(obj.get("val_split", "val"))}
