@@ -15,7 +15,6 @@ as timm models), so they go through the same `open_clip.create_model` path as th
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import zipfile
 from collections.abc import Callable
@@ -392,12 +391,3 @@ def attention_counts(model: nn.Module) -> tuple[int, int]:
     """(vision, text) attention layers of a built model (after `split_attention`)."""
     tower = text_tower(model)
     return len(attention_layers(model.visual)), len(attention_layers(getattr(tower, "transformer", None)))
-
-
-def file_digest(path: str | Path, limit: int = 1 << 20) -> str:
-    """Short digest of a file's first MiB and size (cheap identity for large checkpoints)."""
-    p = Path(path)
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as fh:
-        h.update(fh.read(limit))
-    return h.hexdigest()[:16]

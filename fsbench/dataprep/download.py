@@ -27,7 +27,7 @@ USER_AGENT = "fsbench-data/1 (+https://github.com/; python urllib)"
 OnBytes = Callable[[int, "int | None"], None]
 
 
-def file_digest(path: Path, algorithm: str) -> str:
+def download_checksum(path: Path, algorithm: str) -> str:
     """Hex digest of a file, read in chunks."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
@@ -69,7 +69,7 @@ def verify(path: Path, dl: Download, name: str) -> None:
     if expected is None:
         return
     algorithm, digest = expected
-    actual = file_digest(path, algorithm)
+    actual = download_checksum(path, algorithm)
     if actual != digest.lower():
         path.unlink(missing_ok=True)
         raise DataError(f"{name}: {algorithm} mismatch (expected {digest}, got {actual}); the download was "
