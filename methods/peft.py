@@ -30,8 +30,9 @@ from torch import nn
 from fsbench.config import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import count_trainable, register_method
-from fsbench.methods.lora import CLIPLoRA, merged_state_dict
+from fsbench.methods.lora import CLIPLoRA
 from fsbench.text import text_tower
+from fsbench.tuners import merged_state_dict
 
 CLIP_LORA_IN_PEFT = {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "lora_dropout": 0.25, "use_rslora": True,
                      "target_modules": ["q_proj", "k_proj", "v_proj"]}
