@@ -7,7 +7,8 @@ two_stage's LoRA stage), after peft's tuners (`peft/tuners/tuners_utils.py` `Bas
 - `AdapterLayer` wraps a `base_layer` (an `nn.Linear`) and adds its update; `merge()` writes the
   update into `base_layer.weight` for inference, `unmerge()` takes it out again, and
   `effective_weight()` gives the (weight, bias) the layer applies, merged or not.
-- `LoRALinear` is CLIP-LoRA's layer (scaling alpha / sqrt(rank), dropout on the LoRA input).
+- `LoRALinear` is CLIP-LoRA's layer (scaling alpha / sqrt(rank), dropout on the LoRA input);
+  `SVDLinear` is CLIP-SVD's (the weight's SVD with trainable singular values).
 - Targets are chosen by tower (`encoder`: vision | text | both), by blocks (`position`, index sets
   over a tower's depth, CLIP-LoRA's names) and by projection (`matrices`: q, k, v, o) on the
   unfused attention of `fsbench.attention`, and "mlp" adds the Linears of each block's MLP
@@ -97,6 +98,55 @@ class LoRALinear(AdapterLayer):
         if self.merged:
             return out
         return out + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+
+class SVDLinear(AdapterLayer):
+    """`base_layer` re-parameterised by its SVD, `U diag(s) V^T x + b`, with only `s` trainable
+    (CLIP-SVD, HealthX-Lab/CLIP-SVD svf_utils/svf_torch.py:60-77 `SVD_Linear`: `fc_U(fc_V(x) * vector_S)`).
+
+    The decomposition is the full-rank thin SVD of the weight (svf_torch.py:11-36 `d_nsvd` with
+    `global_low_rank_ratio=1`, train.py:103), so at `s` = the singular values the layer computes
+    the base layer's function up to float rounding. `U` and `V^T` are buffers recomputed from the
+    frozen weight (saving `vector_S` is enough: a joint sign flip of a singular pair leaves `U diag(s)
+    V^T` unchanged). Merging writes `U diag(s) V^T` into `base_layer.weight`; unmerging restores it.
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__(base_layer)
+        weight = base_layer.weight.detach()
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # = torch.svd (d_nsvd), V transposed
+        self.register_buffer("U", u.to(weight.dtype), persistent=False)
+        self.register_buffer("Vh", vh.to(weight.dtype), persistent=False)
+        self.vector_S = nn.Parameter(s.to(weight.dtype).unsqueeze(0))  # (1, r), as svf_torch.py:70
+        self._original: torch.Tensor | None = None
+
+    def svd_weight(self) -> torch.Tensor:
+        """`U diag(s) V^T`, the weight the layer applies."""
+        return (self.U * self.vector_S) @ self.Vh
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.svd_weight() - (self._original if self.merged else self.base_layer.weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._original = self.base_layer.weight.detach().clone()
+            self.base_layer.weight.copy_(self.svd_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight.copy_(self._original)
+            self._original, self.merged = None, False
+
+    def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.svd_weight(), self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return F.linear(F.linear(x, self.Vh) * self.vector_S, self.U, self.base_layer.bias)
 
 
 def layer_indices(position: str, depth: int) -> list[int]:

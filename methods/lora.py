@@ -136,8 +136,12 @@ class CLIPLoRA(Method):
         self.model = copy.deepcopy(ctx.backbone.model)  # the shared frozen model stays untouched
         self.params = self.adapt(self.model)
         self._frozen_text: torch.Tensor | None = None
-        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        prompts = [self.template().format(c) for c in ctx.classnames]
         self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), cfg.text_buckets, self.model)
+
+    def template(self) -> str:
+        """The one prompt template of training and scoring: CLIP-LoRA's "a photo of a {}." for every dataset."""
+        return self.ctx.train_template
 
     def adapt(self, model: nn.Module) -> list[nn.Parameter]:
         """Inject the adapter into `model`; return the parameters to train (`peft` overrides this)."""
@@ -159,7 +163,7 @@ class CLIPLoRA(Method):
         """Unseen classes: their training-template prompts through the adapted (merged) text tower;
         the adapted vision tower is class-agnostic (CLIP-LoRA's own text-side classifier)."""
         ctx = self.ctx
-        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        prompts = [self.template().format(c) for c in ctx.classnames]
         self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), self.config.text_buckets,
                                      self.model)
         self._frozen_text = None
