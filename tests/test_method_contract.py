@@ -33,6 +33,7 @@ FAST = {
     "lora_dora": {"iters_per_shot": 2},
     "lora_pissa": {"iters_per_shot": 2},
     "lora_vera": {"iters_per_shot": 2},
+    "clipfit": {"epochs": 2},
     "linear_probe": {"max_iter": 20},
     "clip_adapter": {"epochs": 5},
     "taskres": {"epochs": 5},
