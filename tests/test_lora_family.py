@@ -140,3 +140,25 @@ def test_clip_svd_vit_b16_trainable_count_is_the_official_one(official_svd):
     model = build_backbone(BackboneSpec("ViT-B/16", pretrained="none")).model
     layers = inject_adapter(block_targets(model, "both", "all", ["q", "k", "v", "o", "mlp"], "clip_svd"), SVDLinear)
     assert sum(layer.vector_S.numel() for layer in layers) == meta["vit_b16_trainable_count"] == 92_160
+
+
+# ---- the new methods through the CLI sweep ---------------------------------------------------------
+
+NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera")
+SMALL = ["clip_svd.iters_per_shot=3", "clipfit.epochs=2", "lora_dora.iters_per_shot=3",
+         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3"]
+
+
+def test_sweep_runs_every_new_method(tmp_path, synthetic_root, monkeypatch):
+    from fsbench.cli import main
+    from fsbench.results import iter_results
+
+    monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
+    sets = [a for s in [*SMALL, f"runtime.cache_dir={tmp_path / 'cache'}"] for a in ("--set", s)]
+    code = main(["sweep", "--methods", ",".join(NEW), "--backbones", "test-tiny", "--datasets", "synthetic",
+                 "--shots", "1,2", "--seeds", "1", "--data-root", str(synthetic_root),
+                 "--results", str(tmp_path / "results"), "--device", "cpu", *sets])
+    results = iter_results(tmp_path / "results")
+    assert code == 0
+    assert sorted((r.method, r.shots) for r in results) == sorted((m, k) for m in NEW for k in (1, 2))
+    assert all(r.status == "ok" and 0 <= r.top1 <= 100 and r.trainable_params > 0 for r in results)
