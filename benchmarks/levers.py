@@ -24,11 +24,12 @@ import torch
 from common import device_arg, imagenet_classes, machine, median, speedup_line, timed, write_images
 from reference import reference_batches, reference_model
 
-from fsbench.augment import augment, to_uint8_tensor
+from fsbench.augment import augment, to_uint8_tensor, train_transform
 from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.images import augmented_batches
-from fsbench.methods.lora import LoRAConfig, inject_lora, train_transform
+from fsbench.methods.lora import LoRAConfig
 from fsbench.text import bucket_tokens, encode_buckets, encode_token_embeddings
+from fsbench.tuners import inject_lora
 
 
 def full_length(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

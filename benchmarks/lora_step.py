@@ -34,11 +34,12 @@ from common import (
 )
 from reference import ReferenceTrainer, reference_batches, reference_model
 
+from fsbench.augment import train_transform
 from fsbench.backbones import Backbone, BackboneSpec, build_backbone
 from fsbench.data.base import DatasetSplits
 from fsbench.images import default_workers
 from fsbench.method import FewShotData
-from fsbench.methods.lora import LoRAConfig, train_transform
+from fsbench.methods.lora import LoRAConfig
 
 
 def parse_args() -> argparse.Namespace:

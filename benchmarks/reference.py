@@ -31,7 +31,8 @@ from torch import nn
 from fsbench.backbones import BackboneSpec, resolve_factory
 from fsbench.data.base import Item
 from fsbench.images import image_loader
-from fsbench.methods.lora import LoRAConfig, LoRALinear, layer_indices, towers
+from fsbench.methods.lora import LoRAConfig
+from fsbench.tuners import LoRALinear, layer_indices, towers
 
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
 

@@ -1,4 +1,5 @@
-"""CLIP-LoRA's training augmentation, batched on the training device.
+"""The shared training augmentation: `train_transform` (torchvision, PIL, one image at a time) and
+the same crops batched on the training device.
 
 The reference path (`fsbench.images.augmented_batches` with torchvision's PIL transforms)
 crops, resizes and converts one PIL image at a time on the CPU. Here the few-shot images are
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -43,6 +45,18 @@ from fsbench.data.base import Item
 from fsbench.images import BadImageError, bad_images_error, load_image
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    scale: Sequence[float]) -> transforms.Compose:
+    """The shared training augmentation on PIL images (CLIP-LoRA main.py:38-43, CoOp's Dassl
+    "random_resized_crop", "random_flip", "normalize"): RandomResizedCrop (bicubic, `scale`) + flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
 
 
 def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],

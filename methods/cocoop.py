@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.augment import train_transform
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.method import FewShotData, Method, count_trainable, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
 

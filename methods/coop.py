@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.augment import train_transform
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.prompts import Prompts, build_prompts, encode_prompts, frozen_image_features
 from fsbench.training import (
     Backward,

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.augment import train_transform
 from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_fraction, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.methods.maple import MaPLePrompts, maple_prompts, usable_depth
 from fsbench.prompts import Prompts, assemble_prompts, build_prompts
 from fsbench.text import encode_token_embeddings

@@ -7,7 +7,8 @@ loralib/): rank 2, alpha 1, scaling alpha/sqrt(rank), dropout 0.25 on the LoRA i
 Kaiming-uniform and B zero, AdamW (lr 2e-4, wd 1e-2, betas 0.9/0.999), cosine to 1e-6 over
 500 x K steps of batch 32, cross-entropy on 100 x cosine similarity with the text features
 recomputed through the adapted text encoder every step ("a photo of a {}."), and the last
-iterate evaluated with the update merged into the weights.
+iterate evaluated with the update merged into the weights. The LoRA layer, the choice of blocks and
+projections, injection and merging are the toolkit's (`fsbench.tuners`); this file is the method.
 
 Deviation: positions are index sets over a tower's depth. For 12-layer towers they equal the
 official lists; for deeper towers (ViT-L/14 vision, 24 layers) "all", "half-bottom" and "half-up"
@@ -19,18 +20,14 @@ towers only (bottom, mid, up, top1-3) are scaled with the depth.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
-from fsbench.attention import attention_layers, fused_state_dict, projections
-from fsbench.augment import device_batches, to_uint8_tensor
+from fsbench.augment import device_batches, to_uint8_tensor, train_transform
 from fsbench.backbones import BackboneInfo
 from fsbench.checks import (
     check_at_least,
@@ -40,13 +37,11 @@ from fsbench.checks import (
     check_non_negative,
     check_positive,
 )
-from fsbench.errors import ConfigError, RunFailed
+from fsbench.errors import RunFailed
 from fsbench.images import augmented_batches
 from fsbench.method import FewShotData, Method, count_trainable, register_method
-from fsbench.text import bucket_tokens, encode_buckets, text_tower
-
-MATRICES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
-POSITIONS = ("all", "bottom", "mid", "up", "half-bottom", "half-up", "top1", "top2", "top3")
+from fsbench.text import bucket_tokens, encode_buckets
+from fsbench.tuners import LoRALinear, check_targets, inject_lora, merged_state_dict
 
 
 @dataclass
@@ -64,7 +59,7 @@ class LoRAConfig:
     eta_min: float = 1e-6  # cosine schedule floor
     matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
     encoder: str = "both"  # vision | text | both
-    position: str = "all"  # see POSITIONS
+    position: str = "all"  # see fsbench.tuners.POSITIONS
     logit_scale: float = 100.0
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     # "device": images decoded once to uint8 tensors on the training device, crops drawn as
@@ -85,131 +80,11 @@ class LoRAConfig:
         check_fraction("lora", "dropout", self.dropout)
         check_at_least("lora", "batch_size", self.batch_size, 1)
         check_at_least("lora", "iters_per_shot", self.iters_per_shot, 1)
-        if not self.matrices or any(m not in MATRICES for m in self.matrices):
-            raise ValueError(f"matrices must be a non-empty subset of q, k, v, o, got {self.matrices}")
-        if self.encoder not in ("vision", "text", "both"):
-            raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        check_targets(self.encoder, self.position, self.matrices)
         if self.augment not in ("auto", "device", "pil"):
             raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         if self.text_buckets < 1:
             raise ValueError(f"text_buckets must be >= 1, got {self.text_buckets}")
-
-
-class LoRALinear(nn.Module):
-    """`base_layer(x) + scaling * B A dropout(x)`, mergeable into `base_layer.weight`."""
-
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base_layer = base_layer
-        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0 so W is unchanged
-        self.scaling = alpha / math.sqrt(rank)  # official CLIP-LoRA, not peft's alpha / rank
-        self.dropout = nn.Dropout(dropout)
-        self.merged = False
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged:
-            return out
-        return out + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-
-
-def layer_indices(position: str, depth: int) -> list[int]:
-    """Blocks adapted for `position` in a tower of `depth` blocks (official sets at depth 12)."""
-    third, half = depth // 3, depth // 2
-    spans = {"all": (0, depth), "bottom": (0, third), "mid": (third, 2 * third),
-             "up": (2 * third, depth), "half-bottom": (0, half), "half-up": (half, depth),
-             "top1": (depth - 1, depth), "top2": (depth - 2, depth), "top3": (depth - 3, depth)}
-    lo, hi = spans[position]
-    return list(range(lo, hi))
-
-
-def towers(model: nn.Module, encoder: str) -> Iterator[nn.Module]:
-    if encoder in ("vision", "both"):
-        yield model.visual.transformer
-    if encoder in ("text", "both"):
-        yield model.transformer
-
-
-def attention_towers(model: nn.Module, encoder: str) -> dict[str, list[nn.Module]]:
-    """The attention layers of the chosen towers, in depth order (`fsbench.attention.attention_layers`):
-    open_clip's blocks, timm's (SigLIP, EVA-CLIP) with their fused `qkv` split into q/k/v slices."""
-    found = {}
-    if encoder in ("vision", "both"):
-        found["vision"] = attention_layers(model.visual)
-    if encoder in ("text", "both"):
-        found["text"] = attention_layers(getattr(text_tower(model), "transformer", None))
-    return found
-
-
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[LoRALinear]:
-    """Wrap the chosen projections of the chosen blocks in `LoRALinear`; returns the layers.
-
-    A tower without attention (ConvNeXt's vision tower) is skipped when `encoder` is "both" and
-    is a `ConfigError` when it is the only tower asked for.
-    """
-    layers = []
-    for name, blocks in attention_towers(model, cfg.encoder).items():
-        if not blocks and cfg.encoder != "both":
-            raise ConfigError(f"lora.encoder={cfg.encoder}: the {name} tower of this backbone has no attention "
-                              "layers to adapt (ConvNeXt and ResNet vision towers); use encoder=text")
-        for i in layer_indices(cfg.position, len(blocks)) if blocks else []:
-            targets = projections(blocks[i])
-            for m in cfg.matrices:
-                owner, attr = targets[m]
-                lora = LoRALinear(getattr(owner, attr), cfg.rank, cfg.alpha, cfg.dropout)
-                setattr(owner, attr, lora)
-                layers.append(lora)
-    if not layers:
-        raise ConfigError(f"lora.encoder={cfg.encoder}: no attention layer fsbench can adapt in this backbone")
-    return layers
-
-
-def _effective(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) a projection applies, LoRA update included."""
-    if isinstance(linear, LoRALinear):
-        delta = 0 if linear.merged else linear.delta_weight()
-        return linear.base_layer.weight + delta, linear.base_layer.bias
-    return linear.weight, linear.bias
-
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of a LoRA-adapted CLIP in open_clip's own format, updates merged.
-
-    Every unfused projection is fused back (`nn.MultiheadAttention`'s `in_proj_weight`, timm's
-    `qkv`), so the result loads into a plain open_clip model (`--checkpoint`).
-    """
-    return fused_state_dict(model, _effective)
-
-
-def train_transform(image_size: int, mean, std, scale) -> transforms.Compose:
-    """CLIP-LoRA's augmentation: RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
 
 
 @register_method("lora")
@@ -267,8 +142,12 @@ class CLIPLoRA(Method):
         self.model = copy.deepcopy(ctx.backbone.model)  # the shared frozen model stays untouched
         self.params = self.adapt(self.model)
         self._frozen_text: torch.Tensor | None = None
-        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        prompts = [self.template().format(c) for c in ctx.classnames]
         self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), cfg.text_buckets, self.model)
+
+    def template(self) -> str:
+        """The one prompt template of training and scoring: CLIP-LoRA's "a photo of a {}." for every dataset."""
+        return self.ctx.train_template
 
     def adapt(self, model: nn.Module) -> list[nn.Parameter]:
         """Inject the adapter into `model`; return the parameters to train (`peft` overrides this)."""
@@ -290,7 +169,7 @@ class CLIPLoRA(Method):
         """Unseen classes: their training-template prompts through the adapted (merged) text tower;
         the adapted vision tower is class-agnostic (CLIP-LoRA's own text-side classifier)."""
         ctx = self.ctx
-        prompts = [ctx.train_template.format(c) for c in ctx.classnames]
+        prompts = [self.template().format(c) for c in ctx.classnames]
         self._tokens = bucket_tokens(ctx.backbone.tokenize(prompts).to(ctx.device), self.config.text_buckets,
                                      self.model)
         self._frozen_text = None

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.augment import train_transform
 from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.prompts import INIT_STD, Prompts, assemble_prompts, build_prompts
 from fsbench.towers import (
     Hook,

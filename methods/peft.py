@@ -30,8 +30,9 @@ from torch import nn
 from fsbench.checks import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import count_trainable, register_method
-from fsbench.methods.lora import CLIPLoRA, merged_state_dict
+from fsbench.methods.lora import CLIPLoRA
 from fsbench.text import text_tower
+from fsbench.tuners import merged_state_dict
 
 CLIP_LORA_IN_PEFT = {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "lora_dropout": 0.25, "use_rslora": True,
                      "target_modules": ["q_proj", "k_proj", "v_proj"]}
@@ -152,3 +153,37 @@ class Peft(CLIPLoRA):
         if unexpected:
             raise ValueError(f"not adapter weights of this peft config: {unexpected[:3]}")
         self.finish()
+
+
+# ---- LoRA's relatives as presets: CLIP-LoRA's placement (q, k, v of both towers, rank 2, dropout 0.25) and
+# recipe, only the variant changes. CLIP-LoRA's own scaling alpha / sqrt(r) is already rsLoRA's (Kalajdzievski
+# 2023), so `peft`'s default config is the rsLoRA preset; standard LoRA's alpha / r is `use_rslora: false`.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DoRA (Liu et al., ICML 2024): a trained magnitude per output row on top of the LoRA direction
+    "dora": dict(CLIP_LORA_IN_PEFT, use_dora=True),
+    # PiSSA (Meng et al., NeurIPS 2024): A, B from the top-r singular pairs of W, the residual kept frozen
+    "pissa": dict(CLIP_LORA_IN_PEFT, init_lora_weights="pissa"),
+    # VeRA (Kopiczko et al., ICLR 2024): frozen shared random A, B; trained scaling vectors d and b
+    "vera": {"peft_type": "VERA", "r": 2, "vera_dropout": 0.25, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+}
+PAPERS = {
+    "dora": "Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024",
+    "pissa": "Meng et al., PiSSA: Principal Singular Values and Singular Vectors Adaptation, NeurIPS 2024",
+    "vera": "Kopiczko et al., VeRA: Vector-based Random Matrix Adaptation, ICLR 2024",
+}
+
+
+def _preset(name: str) -> type[Peft]:
+    """Register `lora_<name>`: `peft` whose default config is the preset (every field still settable)."""
+    config = type(f"{name.title()}Config", (PeftConfig,), {
+        "__annotations__": {"config": "str | dict"}, "config": json.dumps(PRESETS[name]),
+        "__doc__": f"The {name} preset of `peft` (CLIP-LoRA's placement and recipe)."})
+    method = type(f"Lora{name.title()}", (Peft,), {
+        "Config": dataclass(config), "paper": PAPERS[name], "__doc__": f"{PAPERS[name].split(',')[1].strip()} "
+        "through peft, with CLIP-LoRA's placement (q, k, v of both towers, rank 2) and recipe.",
+        "summary": f"{name} preset of peft: CLIP-LoRA's placement and recipe, rank 2"})
+    return register_method(f"lora_{name}")(method)
+
+
+for _name in PRESETS:
+    _preset(_name)

@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench import identity
+from fsbench.augment import train_transform
 from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.prompts import INIT_STD, RANDOM, Prompts, assemble_prompts, build_prompts
 from fsbench.towers import backbone_support, context_window, text_forward, tower_support, vision_tokens
 from fsbench.training import DasslRecipe, coop_epochs, dassl_steps, fewshot_image_batches, train_epochs

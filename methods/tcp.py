@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.augment import train_transform
 from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_fraction, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.lora import train_transform
 from fsbench.prompt_hooks import block_tokens_hook
 from fsbench.prompts import Prompts, assemble_prompts, build_prompts, frozen_image_features
 from fsbench.towers import text_depth, text_forward

@@ -26,11 +26,12 @@ from fsbench.cli import main
 from fsbench.errors import ConfigError, WeightsError
 from fsbench.images import image_loader
 from fsbench.method import METHODS
-from fsbench.methods.lora import LoRAConfig, inject_lora, merged_state_dict
+from fsbench.methods.lora import LoRAConfig
 from fsbench.prompts import build_prompts, encode_prompts
 from fsbench.spec import RunSpec
 from fsbench.text import bucket_tokens, encode_token_embeddings, encode_tokens, text_tower, truncate_tokens
 from fsbench.tokenizers import StandInTokenizer, load_tokenizer
+from fsbench.tuners import inject_lora, merged_state_dict
 
 FAMILIES = ["test-tiny-siglip", "test-tiny-siglip2", "test-tiny-eva", "test-tiny-convnext", "test-tiny-metaclip2"]
 TRUNCATABLE = {"test-tiny-eva", "test-tiny-convnext", "test-tiny-metaclip2"}  # causal, argmax / eos pooling

@@ -11,7 +11,8 @@ import torch
 from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.config import method_config
 from fsbench.errors import ConfigError
-from fsbench.methods.lora import CLIPLoRA, LoRAConfig, LoRALinear, inject_lora, layer_indices
+from fsbench.methods.lora import CLIPLoRA, LoRAConfig
+from fsbench.tuners import LoRALinear, inject_lora, layer_indices
 
 
 def _inputs(backbone, n_images=3):
