@@ -79,6 +79,18 @@ INDEX = {'backbone_names': ['ViT-B/16',
                               'summary': 'CLIP-Adapter: residual bottleneck MLP on the image feature, ratio picked '
                                          'on the few-shot val set',
                               'unseen': True},
+             'clip_svd': {'input': 'images',
+                          'paper': 'Koleilat et al., Singular Value Few-shot Adaptation of Vision-Language Models, '
+                                   'arXiv 2509.03740, 2025',
+                          'summary': 'CLIP-SVD: fine-tune only the singular values of every block Linear of both '
+                                     'encoders',
+                          'unseen': True},
+             'clipfit': {'input': 'images',
+                         'paper': 'Li et al., Vision-Language Model Fine-Tuning via Simple Parameter-Efficient '
+                                  'Modification, EMNLP 2024',
+                         'summary': 'CLIPFit: train text FFN biases and image LayerNorms, KD to frozen text '
+                                    'features',
+                         'unseen': True},
              'cocoop': {'input': 'images',
                         'paper': 'Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022',
                         'summary': 'CoCoOp: CoOp context + image-conditioned bias from a meta-net (per-image '
@@ -93,6 +105,24 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                     'context tokens)',
                            'summary': 'CoOp (4): 4 learnable context vectors initialised from "a photo of a"',
                            'unseen': True},
+             'dept_coop': {'input': 'images',
+                           'paper': 'Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on CoOp, Zhou et al., '
+                                    'IJCV 2022)',
+                           'summary': "DePT on CoOp: channel-wise transform + linear head beside CoOp's cosine "
+                                      'logits (w = 0.7)',
+                           'unseen': True},
+             'dept_kgcoop': {'input': 'images',
+                             'paper': 'Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on KgCoOp, Yao et '
+                                      'al., CVPR 2023)',
+                             'summary': "DePT on KgCoOp: channel-wise transform + linear head beside KgCoOp's "
+                                        'cosine logits (w = 0.7)',
+                             'unseen': True},
+             'dept_maple': {'input': 'images',
+                            'paper': 'Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on MaPLe, Khattak et '
+                                     'al., CVPR 2023)',
+                            'summary': "DePT on MaPLe: channel-wise transform + linear head beside MaPLe's cosine "
+                                       'logits (w = 0.7)',
+                            'unseen': True},
              'gda': {'input': 'features',
                      'paper': 'Wang et al., A Hard-to-Beat Baseline for Training-free CLIP-based Adaptation, ICLR '
                               '2024',
@@ -147,11 +177,23 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                  '2410.05270',
                         'summary': "ProLIP: fine-tunes CLIP's visual projection with a penalty towards its weights",
                         'unseen': True},
+             'promptsrc': {'input': 'images',
+                           'paper': 'Khattak et al., Self-regulating Prompts: Foundational Model Adaptation '
+                                    'without Forgetting, ICCV 2023',
+                           'summary': 'PromptSRC: deep V+L prompts (4+4 tokens, depth 9), frozen-CLIP consistency, '
+                                      'Gaussian averaging',
+                           'unseen': True},
              'taskres': {'input': 'features',
                          'paper': 'Yu et al., Task Residual for Tuning Vision-Language Models, CVPR 2023',
                          'summary': 'TaskRes: learnable residual (alpha 0.5) on the frozen zero-shot text '
                                     'classifier',
                          'unseen': False},
+             'tcp': {'input': 'images',
+                     'paper': 'Yao et al., TCP: Textual-based Class-aware Prompt tuning for Visual-Language Model, '
+                              'CVPR 2024',
+                     'summary': 'TCP: CoOp context + class-aware tokens from frozen class embeddings (block 8) + '
+                                'KgCoOp term',
+                     'unseen': True},
              'tip_adapter': {'input': 'features',
                              'paper': 'Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot '
                                       'Classification, ECCV 2022',
