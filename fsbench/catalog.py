@@ -5,7 +5,8 @@ said "did you mean 'tip_adapter'?". The names of fsbench's own methods, datasets
 backbones (and open_clip's model names) are kept in `fsbench/catalog_index.py`, generated from the
 live registries by `python -m fsbench.catalog`; a test compares the two, so the index cannot drift.
 Methods that arrive at run time (a `--plugin` file, the `fsbench.methods` entry-point group) are not
-in the index: when any may exist, method names are checked against the live registry instead.
+in the index: when any may exist, or a method file was added to `methods/` since the index was
+generated, method names are checked against the live registry instead.
 """
 
 from __future__ import annotations
@@ -29,9 +30,20 @@ def index() -> dict[str, Any]:
     return INDEX
 
 
+def method_modules() -> list[str]:
+    """The module names of fsbench's own method files (a directory listing, nothing imported)."""
+    import fsbench.methods
+
+    return sorted({p.stem for folder in fsbench.methods.__path__ for p in Path(folder).glob("*.py")
+                   if not p.stem.startswith("_")})
+
+
 def extra_methods_possible() -> bool:
-    """Whether methods outside the index may be registered: a loaded plug-in or an entry point."""
+    """Whether methods outside the index may be registered: a loaded plug-in, an entry point, or a method
+    file added since the index was generated (its name works before `python -m fsbench.catalog` is run)."""
     if any(name.startswith("fsbench_plugin_") for name in sys.modules):
+        return True
+    if method_modules() != index()["method_modules"]:
         return True
     from importlib.metadata import entry_points
 
@@ -48,8 +60,11 @@ def _unknown(kind: str, name: str, known: Iterable[str], cutoff: float = 0.5) ->
 
 def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), datasets: Iterable[str] = (),
                 protocols: Iterable[str] = ()) -> None:
-    """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method, protocol
-    and dataset names are left to the live registry when a plug-in or entry point may add some."""
+    """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method names
+    are left to the live registry when a plug-in or entry point may add some, and every name when a
+    `--plugin` file is loaded (it may register protocols, datasets or backbones too)."""
+    if any(name.startswith("fsbench_plugin_") for name in sys.modules):
+        return
     idx = index()
     if extra_methods_possible():  # a plug-in may register protocols too: the live (torch-free) registry
         from fsbench.protocols import PROTOCOLS
@@ -98,6 +113,7 @@ def build() -> dict[str, Any]:
     shown = [k.upper().replace("VIT", "ViT") for k in PAPER_BACKBONES] + list(ALIASES) + BACKBONES.names()
     return {
         "methods": methods,
+        "method_modules": method_modules(),
         "protocols": protocols,
         "datasets": {main: aliases for main, aliases in DATASETS.aliases().items()},
         "backbones": sorted(set(BACKBONES.names()) | set(PAPER_BACKBONES) | set(_ALIAS_KEYS)),

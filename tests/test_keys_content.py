@@ -530,6 +530,16 @@ def test_catalog_matches_the_registries():
     assert build() == index()
 
 
+def test_a_method_file_added_since_the_index_is_checked_live(monkeypatch):
+    """Adding a method stays one file: until the index is regenerated, method names go to the live registry."""
+    import fsbench.catalog as catalog
+
+    stale = {**catalog.index(), "method_modules": catalog.index()["method_modules"][1:]}
+    monkeypatch.setattr(catalog, "index", lambda: stale)
+    assert catalog.extra_methods_possible()
+    catalog.check_names(methods=["a_method_only_the_live_registry_knows"])  # not refused from the index
+
+
 @pytest.mark.parametrize("args, words", [
     (["run", "-m", "tipadapter", "-b", "test-tiny", "-d", "dtd"], "did you mean 'tip_adapter'"),
     (["run", "-m", "zero_shot", "-b", "test-tiyn", "-d", "dtd"], "did you mean 'test-tiny'"),
