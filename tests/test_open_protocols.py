@@ -105,3 +105,26 @@ def test_a_plain_method_scores_inductively_under_an_online_protocol(workdir, syn
     result = json.loads((workdir / "results/runs/test-tiny/synthetic/zero_shot/online_toy/shots1_seed1.json")
                         .read_text())
     assert result["status"] == "ok" and "unlabelled_test_data" not in result["extra"]
+
+
+def test_carved_and_online_results_reach_the_report_and_ls(workdir, synthetic_root, capsys):
+    assert _run(synthetic_root, "zero_shot", "carved", 2) == 0
+    assert _run(synthetic_root, "test_time_recorder", "online_toy", 2) == 0
+    plugins = [a for p in ("protocol_carved.py", "protocol_online_toy.py") for a in ("--plugin", str(PLUGINS / p))]
+    capsys.readouterr()
+    assert main(["report", *plugins, "--results", "results/runs", "--out", "report", "--format", "md,csv,tex"]) == 0
+    md, tex = (workdir / "report/report.md").read_text(), (workdir / "report/tables.tex").read_text()
+    carved = json.loads((workdir / "results/runs/test-tiny/synthetic/zero_shot/carved/shots2_seed1.json").read_text())
+    online = json.loads((workdir / "results/runs/test-tiny/synthetic/test_time_recorder/online_toy/shots2_seed1.json")
+                        .read_text())
+    assert "## carved" in md and "## online_toy" in md  # each protocol its own section, no per-protocol code
+    assert f"| Zero-shot CLIP | {carved['top1']:.2f} (1) |" in md
+    first, second = online["metrics"]["first"], online["metrics"]["second"]
+    assert f"| synthetic | test_time_recorder | {first:.2f} (1) | {second:.2f} (1) | {online['top1']:.2f} (1) |" in md
+    for name, result in (("carved", carved), ("online_toy", online)):
+        rows = [line for line in (workdir / f"report/{name}.csv").read_text().splitlines() if "synthetic" in line]
+        assert any(f"{result['top1']:.4f}"[:-1] in line for line in rows), (name, rows)
+    assert "test-tiny, 2 shots" in tex
+    assert main(["ls", "protocols", *plugins]) == 0
+    out = capsys.readouterr().out
+    assert "carved" in out and "online_toy" in out
