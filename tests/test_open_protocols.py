@@ -112,7 +112,10 @@ def test_carved_and_online_results_reach_the_report_and_ls(workdir, synthetic_ro
     assert _run(synthetic_root, "test_time_recorder", "online_toy", 2) == 0
     plugins = [a for p in ("protocol_carved.py", "protocol_online_toy.py") for a in ("--plugin", str(PLUGINS / p))]
     capsys.readouterr()
-    assert main(["report", *plugins, "--results", "results/runs", "--out", "report", "--format", "md,csv,tex"]) == 0
+    formats = "md,csv,tex,html"
+    assert main(["report", *plugins, "--results", "results/runs", "--out", "report", "--format", formats]) == 0
+    page = (workdir / "report/report.html").read_text()
+    assert "<h3>carved</h3>" in page and "<h3>online_toy</h3>" in page  # a leaderboard each on the results page
     md, tex = (workdir / "report/report.md").read_text(), (workdir / "report/tables.tex").read_text()
     carved = json.loads((workdir / "results/runs/test-tiny/synthetic/zero_shot/carved/shots2_seed1.json").read_text())
     online = json.loads((workdir / "results/runs/test-tiny/synthetic/test_time_recorder/online_toy/shots2_seed1.json")

@@ -23,20 +23,25 @@ import pandas as pd
 
 from fsbench.report.cost import cost_table, human_count, human_seconds
 from fsbench.report.protocols import (
-    PROTOCOL_METRICS,
-    PROTOCOL_TITLES,
+    ProtocolView,
     cell_text,
     order_cocoop,
+    present_protocols,
     protocol_label,
     protocol_rows,
     protocol_summary,
+    protocol_view,
 )
 from fsbench.report.style import AVERAGE, dataset_label, method_label, order_datasets, order_methods
 from fsbench.report.tables import main_runs, summary
 from fsbench.results import canonical_dataset, read_result, result_path
 
 FEWSHOT = "fewshot"
-PROTOCOL_NAMES = {FEWSHOT: "Few-shot", **PROTOCOL_TITLES}
+
+
+def protocol_name(protocol: str) -> str:
+    """The display title of a protocol (its registered metadata; the name of an unregistered one)."""
+    return "Few-shot" if protocol == FEWSHOT else protocol_view(protocol).title
 # Method families for the page's filter (registry names; the CLIP-LoRA paper's grouping of its baselines).
 FAMILIES = {
     "zero_shot": "zero-shot",
@@ -102,7 +107,7 @@ def _path(row: dict, paths: dict[tuple, str]) -> str:
 def _value_text(row: dict, protocol: str) -> str:
     """"72.30" (top-1) or "base 80.1, new 70.2, hm 74.8" (the protocol's metrics)."""
     metrics = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
-    names = PROTOCOL_METRICS.get(protocol, ("top1",))
+    names = ("top1",) if protocol == FEWSHOT else tuple(m.name for m in protocol_view(protocol).metrics)
     values = {n: metrics.get(n, row.get("top1") if n == "top1" else None) for n in names}
     parts = [f"{n} {v:.2f}" if isinstance(v, (int, float)) and v == v else f"{n} n/a" for n, v in values.items()]
     return parts[0].split(" ", 1)[1] if names == ("top1",) else ", ".join(parts)
@@ -216,15 +221,22 @@ def _protocol_cell(row: dict | None, title: str, drill: Drill, rows: list[dict],
     return Cell(cell_text(row), value, False, hint, drill.add(title, rows, protocol))
 
 
-def _protocol_columns(block: pd.DataFrame, protocol: str) -> list[tuple[str, str, str]]:
-    """(key, header, metric) per column: base-to-new's Average Base/New/H then H per dataset;
-    transfer protocols' source, targets and the Average over the targets."""
-    if protocol == "base2new":
-        head = [(f"{AVERAGE}/{m}", f"{label} (Avg)", m) for m, label in (("base", "Base"), ("new", "New"), ("hm", "H"))]
-        return head + [(f"{d}/hm", f"{protocol_label(d)} H", "hm") for d in order_cocoop(block["dataset"])]
-    targets = order_cocoop(block.loc[block["dataset"] != block["source"], "dataset"])
-    return ([("source/top1", "Source", "top1")] + [(f"{d}/top1", protocol_label(d), "top1") for d in targets]
-            + [(f"{AVERAGE}/top1", "Average", "top1")])
+def _protocol_columns(block: pd.DataFrame, view: ProtocolView) -> list[tuple[str, str, str]]:
+    """(key, header, metric) per column, from the protocol's metadata: a table with a column per metric
+    (CoCoOp's Table 1) shows the Average of every metric, then the headline metric per dataset; a table
+    with a column per dataset (Tables 2, 3) the source (when results carry one), each dataset and the Average."""
+    head_metric = view.metric(view.headline)
+    datasets = [d for d in order_cocoop(block["dataset"]) if d != AVERAGE]
+    if view.table.columns == "metrics":
+        head = [(f"{AVERAGE}/{m.name}", f"{m.label} (Avg)", m.name) for m in view.metrics]
+        return head + [(f"{d}/{head_metric.name}", f"{protocol_label(d)} {head_metric.label}", head_metric.name)
+                       for d in datasets]
+    has_source = view.source_result and bool((block["source"] != "").any())
+    targets = [d for d in datasets if not has_source or d not in set(block["source"])]
+    average = [] if view.table.average == "none" else [(f"{AVERAGE}/{head_metric.name}", "Average",
+                                                        head_metric.name)]
+    return ([("source/" + head_metric.name, "Source", head_metric.name)] if has_source else []) + [
+        (f"{d}/{head_metric.name}", protocol_label(d), head_metric.name) for d in targets] + average
 
 
 PROTOCOL_NOTES = {
@@ -233,6 +245,8 @@ PROTOCOL_NOTES = {
                 "produce the number (hover for the reason); † = Average over fewer datasets.",
     "transfer": "Top-1 (%): mean ± sample std over seeds (seeds); Average over the targets (the source excluded); "
                 "‡ = source cell from the few-shot run of the same method and shots; n/a = not applicable.",
+    "other": "Mean ± sample std over seeds (seeds); n/a = the method cannot produce the number (hover for the "
+             "reason).",
 }
 
 
@@ -242,7 +256,8 @@ def protocol_board(others: pd.DataFrame, protocol: str, drill: Drill, fewshot: p
     block = protocol_summary(others, protocol)
     if block.empty:
         return None
-    columns = _protocol_columns(block, protocol)
+    view = protocol_view(protocol, others)
+    columns = _protocol_columns(block, view)
     board = Board(protocol, [(k, h) for k, h, _ in columns])
     lookup = {(r["backbone"], r["shots"], r["method"], r["source"], r["dataset"], r["metric"]): r
               for r in block.to_dict("records")}
@@ -268,7 +283,8 @@ def protocol_board(others: pd.DataFrame, protocol: str, drill: Drill, fewshot: p
                 f", fitted on {protocol_label(source)}" if source else "")
             row["cells"][key] = _protocol_cell(r, title, drill, cell_runs, FEWSHOT if r and r["fallback"] else protocol)
         board.rows.append(row)
-    board.notes = [PROTOCOL_NOTES[protocol if protocol == "base2new" else "transfer"]]
+    board.notes = [PROTOCOL_NOTES["base2new" if protocol == "base2new" else
+                                  "transfer" if view.source_result else "other"]]
     return board
 
 
@@ -334,7 +350,7 @@ def board_html(board: Board) -> str:
         body.append(f'<tr {_row_attrs(row, board.protocol)}>{"".join(tds)}</tr>')
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in board.notes)
     return (f'<section class="board" data-protocol="{esc(board.protocol)}">'
-            f"<h3>{esc(PROTOCOL_NAMES.get(board.protocol, board.protocol))}</h3>{notes}"
+            f"<h3>{esc(protocol_name(board.protocol))}</h3>{notes}"
             f'<div class="scroll"><table class="sortable leaderboard" id="board-{esc(board.protocol)}">'
             f"<thead><tr>{ths}</tr></thead><tbody>{''.join(body)}</tbody></table></div></section>")
 
@@ -493,9 +509,9 @@ def _filters(boards: list[Board]) -> str:
     rows = [(r, b.protocol) for b in boards for r in b.rows]
     values = {"backbone": sorted({r["backbone"] for r, _ in rows}),
               "shots": sorted({r["shots"] for r, _ in rows}),
-              "protocol": [p for p in PROTOCOL_NAMES if p in {p for _, p in rows}],
+              "protocol": list(dict.fromkeys(b.protocol for b in boards if b.rows)),
               "family": sorted({method_family(r["method"]) for r, _ in rows})}
-    labels = {"protocol": lambda p: PROTOCOL_NAMES.get(p, p)}
+    labels = {"protocol": protocol_name}
     parts = []
     for name in FILTERS:
         options = "".join(f'<option value="{esc(v)}">{esc(labels.get(name, str)(v))}</option>' for v in values[name])
@@ -537,7 +553,8 @@ def report_html(df: pd.DataFrame, others: pd.DataFrame | None = None, comparison
     sections = sections or Sections()
     drill = Drill(result_paths(results_dir))
     boards = [b for b in [fewshot_board(df, drill, comparison)] + [protocol_board(others, p, drill, df)
-                                                                    for p in PROTOCOL_METRICS] if b is not None]
+                                                                    for p in present_protocols(others)]
+              if b is not None]
     figures = {Path(p).name: figure_html(Path(p)) for p in sections.figures}
     placed = {name for text in (sections.statistics, sections.protocols, sections.paper)
               for name in (Path(src).name for _, src in IMAGE.findall(text))}
