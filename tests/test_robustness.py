@@ -211,7 +211,8 @@ def test_kill_9_during_training_loses_nothing(synthetic_root: Path, tmp_path: Pa
     The re-run (in this process, to save an interpreter start) uses fewer steps, a different config,
     to keep the test short; it proves the killed run left nothing that blocks or pollutes it.
     """
-    args = ["run", "-m", "lora", *FAST, "--shots", "2", "--data-root", str(synthetic_root), "--results", "results"]
+    args = ["run", "-m", "lora", *FAST, "--shots", "2", "--data-root", str(synthetic_root), "--results", "results",
+            "--sampler", "fsbench"]  # the split file waited for below is the fsbench sampler's
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "fsbench", *args, "--set", "lora.iters_per_shot=400"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
