@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -18,6 +19,8 @@ from fsbench.attention import split_attention
 from fsbench.backbones import TEST_TINY
 from fsbench.method import METHODS
 from fsbench.methods.clip_svd import CLIPSVDConfig
+from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, clipfit_parameters
+from fsbench.methods.two_stage import block_norms
 from fsbench.tuners import SVDLinear, block_targets, inject_adapter, merged_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -142,11 +145,51 @@ def test_clip_svd_vit_b16_trainable_count_is_the_official_one(official_svd):
     assert sum(layer.vector_S.numel() for layer in layers) == meta["vit_b16_trainable_count"] == 92_160
 
 
+# ---- CLIPFit, 2SFS, the presets ---------------------------------------------------------------------
+
+
+def test_clipfit_trains_text_ffn_output_biases_and_vision_layernorms(tiny):
+    params = clipfit_parameters(copy.deepcopy(tiny.model))
+    text = sorted(n for n in params if not n.startswith("visual."))
+    assert text == [f"transformer.resblocks.{i}.mlp.c_proj.bias" for i in range(2)]
+    vision = {n.rsplit(".", 1)[0] for n in params if n.startswith("visual.")}
+    assert vision == {"visual.ln_pre", "visual.ln_post", *(f"visual.transformer.resblocks.{i}.ln_{j}"
+                                                          for i in range(2) for j in (1, 2))}
+
+
+def test_clipfit_lambda_follows_the_readme_per_dataset():
+    cfg = METHODS.get("clipfit").Config()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.warmup_lr) == (0.002, 0.9, 5e-4, 32, 1e-5)
+    assert cfg.lambda_ == -1.0 and STRONG_KD == ("dtd", "sun397") and SHORT_SCHEDULE == ("imagenet", "food101")
+
+
+def test_two_stage_trains_the_block_layernorms_only_as_the_official_code_does(tiny):
+    """ln_pre, ln_post and ln_final are switched off again by the official selection (model_utils.py:12-37)."""
+    norms = block_norms(copy.deepcopy(tiny.model), "both")
+    assert {n.rsplit(".", 1)[0] for n in norms} == {f"{t}transformer.resblocks.{i}.ln_{j}" for t in ("visual.", "")
+                                                    for i in range(2) for j in (1, 2)}
+
+
+@pytest.mark.parametrize("shots, stage1", [(1, 180), (4, 720), (16, 2880)])
+def test_two_stage_splits_m_times_k_steps_at_alpha(shots, stage1):
+    cls = METHODS.get("two_stage")
+    method = cls(cls.Config(), SimpleNamespace(shots=shots))
+    assert method.total_steps() == stage1 == int(300 * shots * 0.6)
+
+
+def test_presets_change_only_the_variant():
+    base = json.loads(METHODS.get("peft").Config().config)
+    for name, extra in (("lora_dora", {"use_dora": True}), ("lora_pissa", {"init_lora_weights": "pissa"})):
+        assert json.loads(METHODS.get(name).Config().config) == {**base, **extra}
+    vera = json.loads(METHODS.get("lora_vera").Config().config)
+    assert vera["r"] == base["r"] and vera["target_modules"] == base["target_modules"]
+
+
 # ---- the new methods through the CLI sweep ---------------------------------------------------------
 
-NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera")
+NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera", "two_stage")
 SMALL = ["clip_svd.iters_per_shot=3", "clipfit.epochs=2", "lora_dora.iters_per_shot=3",
-         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3"]
+         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3", "two_stage.iters_per_shot=5"]
 
 
 def test_sweep_runs_every_new_method(tmp_path, synthetic_root, monkeypatch):
