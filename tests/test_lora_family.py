@@ -21,6 +21,9 @@ from fsbench.method import METHODS
 from fsbench.methods.clip_svd import CLIPSVDConfig
 from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, clipfit_parameters
 from fsbench.methods.two_stage import block_norms
+from fsbench.report.ablation import LORA_VARIANTS, lora_variants_table
+from fsbench.report.write import write_report
+from fsbench.results import load_results
 from fsbench.tuners import SVDLinear, block_targets, inject_adapter, merged_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -189,19 +192,28 @@ def test_presets_change_only_the_variant():
 
 NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera", "two_stage")
 SMALL = ["clip_svd.iters_per_shot=3", "clipfit.epochs=2", "lora_dora.iters_per_shot=3",
-         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3", "two_stage.iters_per_shot=5"]
+         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3", "two_stage.iters_per_shot=5",
+         "lora.iters_per_shot=3"]
 
 
-def test_sweep_runs_every_new_method(tmp_path, synthetic_root, monkeypatch):
+def test_sweep_runs_every_new_method_and_reports_the_lora_variants(tmp_path, synthetic_root, monkeypatch):
     from fsbench.cli import main
     from fsbench.results import iter_results
 
     monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
     sets = [a for s in [*SMALL, f"runtime.cache_dir={tmp_path / 'cache'}"] for a in ("--set", s)]
-    code = main(["sweep", "--methods", ",".join(NEW), "--backbones", "test-tiny", "--datasets", "synthetic",
+    code = main(["sweep", "--methods", ",".join(("lora", *NEW)), "--backbones", "test-tiny", "--datasets", "synthetic",
                  "--shots", "1,2", "--seeds", "1", "--data-root", str(synthetic_root),
                  "--results", str(tmp_path / "results"), "--device", "cpu", *sets])
     results = iter_results(tmp_path / "results")
     assert code == 0
-    assert sorted((r.method, r.shots) for r in results) == sorted((m, k) for m in NEW for k in (1, 2))
+    assert sorted((r.method, r.shots) for r in results) == sorted((m, k) for m in ("lora", *NEW) for k in (1, 2))
     assert all(r.status == "ok" and 0 <= r.top1 <= 100 and r.trainable_params > 0 for r in results)
+    # the report's "LoRA variants" table: every method, the dataset-mean per shot count, the parameters
+    df = load_results(tmp_path / "results")
+    table = lora_variants_table(df, "test-tiny")
+    assert list(table["method"]) == [m for m in LORA_VARIANTS if m in ("lora", *NEW)]
+    one_shot = df[df["shots"] == 1].set_index("method")["top1"]
+    assert table.set_index("method")["1-shot (1 datasets)"].to_dict() == pytest.approx(one_shot.to_dict())
+    write_report(df, tmp_path / "report", formats="md")
+    assert "## LoRA variants" in (tmp_path / "report" / "report.md").read_text()
