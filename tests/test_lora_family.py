@@ -19,11 +19,12 @@ from fsbench.attention import split_attention
 from fsbench.backbones import TEST_TINY
 from fsbench.method import METHODS
 from fsbench.methods.clip_svd import CLIPSVDConfig
-from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, clipfit_parameters
+from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, CLIPFit, CLIPFitConfig, clipfit_parameters
 from fsbench.methods.two_stage import block_norms
 from fsbench.report.ablation import LORA_VARIANTS, lora_variants_table
 from fsbench.report.write import write_report
 from fsbench.results import load_results
+from fsbench.text import bucket_tokens, encode_buckets
 from fsbench.tuners import SVDLinear, block_targets, inject_adapter, merged_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -146,6 +147,35 @@ def test_clip_svd_vit_b16_trainable_count_is_the_official_one(official_svd):
     model = build_backbone(BackboneSpec("ViT-B/16", pretrained="none")).model
     layers = inject_adapter(block_targets(model, "both", "all", ["q", "k", "v", "o", "mlp"], "clip_svd"), SVDLinear)
     assert sum(layer.vector_S.numel() for layer in layers) == meta["vit_b16_trainable_count"] == 92_160
+
+
+# ---- CLIPFit against the official code ----------------------------------------------------------
+
+
+def test_clipfit_loss_and_gradients_match_the_official_code():
+    meta = json.loads((FIXTURES / "clipfit" / "official.json").read_text())
+    ref = load_file(str(FIXTURES / "clipfit" / "official.safetensors"))
+    frozen = tiny_openai_clip()
+    model = copy.deepcopy(frozen)
+    params = clipfit_parameters(model)
+    assert sorted(params) == meta["trainable"]
+    gp = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # the fixture's move off the initial point (the KD gradient is zero there)
+        for name in sorted(params):
+            params[name].add_(0.05 * torch.randn(params[name].shape, generator=gp))
+    for p in params.values():
+        p.requires_grad_(True)
+    method = CLIPFit.__new__(CLIPFit)  # the method's own loss, without a run context
+    method.config, method.model = CLIPFitConfig(lambda_=meta["lambda"]), model
+    method._tokens = bucket_tokens(ref["tokens"], 4, model)
+    with torch.no_grad():
+        method._frozen = F.normalize(encode_buckets(frozen, method._tokens, normalize=False), dim=-1)
+    loss = method.loss(ref["images"], ref["labels"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref["loss"], rtol=1e-5, atol=1e-5)
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, ref[f"grad.{name}"], rtol=1e-4, atol=1e-5)
+    assert all(ref[f"grad.{name}"].abs().sum() > 0 for name in params)
 
 
 # ---- CLIPFit, 2SFS, the presets ---------------------------------------------------------------------
