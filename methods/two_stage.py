@@ -133,11 +133,7 @@ class TwoStage(CLIPLoRA):
         batches = self._batches(train)
         finite = torch.ones((), dtype=torch.bool, device=ctx.device)
         for _ in ctx.track(range(steps), steps, "train two_stage classifier"):
-            images, labels = next(batches)
-            with torch.no_grad(), ctx.autocast():
-                feats = self.model.encode_image(images.to(ctx.device, non_blocking=True))
-            logits = cfg.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(self.classifier, dim=-1).T
-            loss = F.cross_entropy(logits, labels.to(ctx.device))
+            loss = self.classifier_loss(*next(batches))
             finite &= torch.isfinite(loss.detach())  # one host-device sync at the end, not one per step
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -146,6 +142,14 @@ class TwoStage(CLIPLoRA):
         if not finite:
             raise RunFailed("two_stage: non-finite loss in the classifier stage")
         self._scoring_weights()
+
+    def classifier_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Stage 2: cross-entropy of the L2-normalised classifier on frozen adapted features (twostage.py:68-76)."""
+        ctx = self.ctx
+        with torch.no_grad(), ctx.autocast():
+            feats = self.model.encode_image(images.to(ctx.device, non_blocking=True))
+        logits = self.config.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(self.classifier, dim=-1).T
+        return F.cross_entropy(logits, labels.to(ctx.device))
 
     def _scoring_weights(self) -> None:
         """Rows of the classes being scored: the classifier's for fitted classes, else the adapted text."""

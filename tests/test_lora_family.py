@@ -20,7 +20,7 @@ from fsbench.backbones import TEST_TINY
 from fsbench.method import METHODS
 from fsbench.methods.clip_svd import CLIPSVDConfig
 from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, CLIPFit, CLIPFitConfig, clipfit_parameters
-from fsbench.methods.two_stage import block_norms
+from fsbench.methods.two_stage import TwoStage, TwoStageConfig, block_norms
 from fsbench.report.ablation import LORA_VARIANTS, lora_variants_table
 from fsbench.report.write import write_report
 from fsbench.results import load_results
@@ -176,6 +176,31 @@ def test_clipfit_loss_and_gradients_match_the_official_code():
     for name, p in params.items():
         torch.testing.assert_close(p.grad, ref[f"grad.{name}"], rtol=1e-4, atol=1e-5)
     assert all(ref[f"grad.{name}"].abs().sum() > 0 for name in params)
+
+
+# ---- 2SFS against the official code -------------------------------------------------------------
+
+
+def test_two_stage_selection_and_both_stages_gradients_match_the_official_code():
+    meta = json.loads((FIXTURES / "two_stage" / "official.json").read_text())
+    ref = load_file(str(FIXTURES / "two_stage" / "official.safetensors"))
+    model = tiny_openai_clip()
+    norms = block_norms(model, "both")
+    assert sorted(norms) == meta["trained"] and len(meta["listed"]) > len(meta["trained"])  # ln_pre/post/final
+    for p in norms.values():
+        p.requires_grad_(True)
+    method = TwoStage.__new__(TwoStage)  # the method's own losses, without a run context
+    method.config, method.model, method._frozen_text = TwoStageConfig(), model, None
+    method.ctx = SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+    method._tokens = bucket_tokens(ref["tokens"], 4, model)
+    method.train_loss(ref["images"], ref["labels"]).backward()  # stage 1 (fs/twostage.py train_epoch)
+    for name, p in norms.items():
+        torch.testing.assert_close(p.grad, ref[f"grad1.{name}"], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        method.classifier = torch.nn.Parameter(method._text().float())  # stage 2's initialisation
+    torch.testing.assert_close(method.classifier.detach(), ref["classifier_init"], rtol=1e-5, atol=1e-5)
+    method.classifier_loss(ref["images"], ref["labels"]).backward()  # train_epoch_second_stage
+    torch.testing.assert_close(method.classifier.grad, ref["grad2.classifier"], rtol=1e-4, atol=1e-5)
 
 
 # ---- CLIPFit, 2SFS, the presets ---------------------------------------------------------------------
