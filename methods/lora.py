@@ -111,7 +111,7 @@ class CLIPLoRA(Method):
         cfg, ctx = self.config, self.ctx
         self.prepare()
         params = self.params
-        total = cfg.iters_per_shot * ctx.shots
+        total = self.total_steps()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.eta_min)
         scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
@@ -135,6 +135,10 @@ class CLIPLoRA(Method):
             scaler.update()
             sched.step()
         self.finish()
+
+    def total_steps(self) -> int:
+        """Optimiser steps of `fit`: `iters_per_shot` x shots (two_stage's first stage takes a fraction)."""
+        return self.config.iters_per_shot * self.ctx.shots
 
     def prepare(self) -> None:
         """Start of `fit`: copy the frozen model, add LoRA, tokenise the class prompts once."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -18,6 +19,12 @@ from fsbench.attention import split_attention
 from fsbench.backbones import TEST_TINY
 from fsbench.method import METHODS
 from fsbench.methods.clip_svd import CLIPSVDConfig
+from fsbench.methods.clipfit import SHORT_SCHEDULE, STRONG_KD, CLIPFit, CLIPFitConfig, clipfit_parameters
+from fsbench.methods.two_stage import TwoStage, TwoStageConfig, block_norms
+from fsbench.report.ablation import LORA_VARIANTS, lora_variants_table
+from fsbench.report.write import write_report
+from fsbench.results import load_results
+from fsbench.text import bucket_tokens, encode_buckets
 from fsbench.tuners import SVDLinear, block_targets, inject_adapter, merged_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -142,23 +149,126 @@ def test_clip_svd_vit_b16_trainable_count_is_the_official_one(official_svd):
     assert sum(layer.vector_S.numel() for layer in layers) == meta["vit_b16_trainable_count"] == 92_160
 
 
+# ---- CLIPFit against the official code ----------------------------------------------------------
+
+
+def test_clipfit_loss_and_gradients_match_the_official_code():
+    meta = json.loads((FIXTURES / "clipfit" / "official.json").read_text())
+    ref = load_file(str(FIXTURES / "clipfit" / "official.safetensors"))
+    frozen = tiny_openai_clip()
+    model = copy.deepcopy(frozen)
+    params = clipfit_parameters(model)
+    assert sorted(params) == meta["trainable"]
+    gp = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # the fixture's move off the initial point (the KD gradient is zero there)
+        for name in sorted(params):
+            params[name].add_(0.05 * torch.randn(params[name].shape, generator=gp))
+    for p in params.values():
+        p.requires_grad_(True)
+    method = CLIPFit.__new__(CLIPFit)  # the method's own loss, without a run context
+    method.config, method.model = CLIPFitConfig(lambda_=meta["lambda"]), model
+    method._tokens = bucket_tokens(ref["tokens"], 4, model)
+    with torch.no_grad():
+        method._frozen = F.normalize(encode_buckets(frozen, method._tokens, normalize=False), dim=-1)
+    loss = method.loss(ref["images"], ref["labels"])
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref["loss"], rtol=1e-5, atol=1e-5)
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, ref[f"grad.{name}"], rtol=1e-4, atol=1e-5)
+    assert all(ref[f"grad.{name}"].abs().sum() > 0 for name in params)
+
+
+# ---- 2SFS against the official code -------------------------------------------------------------
+
+
+def test_two_stage_selection_and_both_stages_gradients_match_the_official_code():
+    meta = json.loads((FIXTURES / "two_stage" / "official.json").read_text())
+    ref = load_file(str(FIXTURES / "two_stage" / "official.safetensors"))
+    model = tiny_openai_clip()
+    norms = block_norms(model, "both")
+    assert sorted(norms) == meta["trained"] and len(meta["listed"]) > len(meta["trained"])  # ln_pre/post/final
+    for p in norms.values():
+        p.requires_grad_(True)
+    method = TwoStage.__new__(TwoStage)  # the method's own losses, without a run context
+    method.config, method.model, method._frozen_text = TwoStageConfig(), model, None
+    method.ctx = SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+    method._tokens = bucket_tokens(ref["tokens"], 4, model)
+    method.train_loss(ref["images"], ref["labels"]).backward()  # stage 1 (fs/twostage.py train_epoch)
+    for name, p in norms.items():
+        torch.testing.assert_close(p.grad, ref[f"grad1.{name}"], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        method.classifier = torch.nn.Parameter(method._text().float())  # stage 2's initialisation
+    torch.testing.assert_close(method.classifier.detach(), ref["classifier_init"], rtol=1e-5, atol=1e-5)
+    method.classifier_loss(ref["images"], ref["labels"]).backward()  # train_epoch_second_stage
+    torch.testing.assert_close(method.classifier.grad, ref["grad2.classifier"], rtol=1e-4, atol=1e-5)
+
+
+# ---- CLIPFit, 2SFS, the presets ---------------------------------------------------------------------
+
+
+def test_clipfit_trains_text_ffn_output_biases_and_vision_layernorms(tiny):
+    params = clipfit_parameters(copy.deepcopy(tiny.model))
+    text = sorted(n for n in params if not n.startswith("visual."))
+    assert text == [f"transformer.resblocks.{i}.mlp.c_proj.bias" for i in range(2)]
+    vision = {n.rsplit(".", 1)[0] for n in params if n.startswith("visual.")}
+    assert vision == {"visual.ln_pre", "visual.ln_post", *(f"visual.transformer.resblocks.{i}.ln_{j}"
+                                                          for i in range(2) for j in (1, 2))}
+
+
+def test_clipfit_lambda_follows_the_readme_per_dataset():
+    cfg = METHODS.get("clipfit").Config()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.warmup_lr) == (0.002, 0.9, 5e-4, 32, 1e-5)
+    assert cfg.lambda_ == -1.0 and STRONG_KD == ("dtd", "sun397") and SHORT_SCHEDULE == ("imagenet", "food101")
+
+
+def test_two_stage_trains_the_block_layernorms_only_as_the_official_code_does(tiny):
+    """ln_pre, ln_post and ln_final are switched off again by the official selection (model_utils.py:12-37)."""
+    norms = block_norms(copy.deepcopy(tiny.model), "both")
+    assert {n.rsplit(".", 1)[0] for n in norms} == {f"{t}transformer.resblocks.{i}.ln_{j}" for t in ("visual.", "")
+                                                    for i in range(2) for j in (1, 2)}
+
+
+@pytest.mark.parametrize("shots, stage1", [(1, 180), (4, 720), (16, 2880)])
+def test_two_stage_splits_m_times_k_steps_at_alpha(shots, stage1):
+    cls = METHODS.get("two_stage")
+    method = cls(cls.Config(), SimpleNamespace(shots=shots))
+    assert method.total_steps() == stage1 == int(300 * shots * 0.6)
+
+
+def test_presets_change_only_the_variant():
+    base = json.loads(METHODS.get("peft").Config().config)
+    for name, extra in (("lora_dora", {"use_dora": True}), ("lora_pissa", {"init_lora_weights": "pissa"})):
+        assert json.loads(METHODS.get(name).Config().config) == {**base, **extra}
+    vera = json.loads(METHODS.get("lora_vera").Config().config)
+    assert vera["r"] == base["r"] and vera["target_modules"] == base["target_modules"]
+
+
 # ---- the new methods through the CLI sweep ---------------------------------------------------------
 
-NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera")
+NEW = ("clip_svd", "clipfit", "lora_dora", "lora_pissa", "lora_vera", "two_stage")
 SMALL = ["clip_svd.iters_per_shot=3", "clipfit.epochs=2", "lora_dora.iters_per_shot=3",
-         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3"]
+         "lora_pissa.iters_per_shot=3", "lora_vera.iters_per_shot=3", "two_stage.iters_per_shot=5",
+         "lora.iters_per_shot=3"]
 
 
-def test_sweep_runs_every_new_method(tmp_path, synthetic_root, monkeypatch):
+def test_sweep_runs_every_new_method_and_reports_the_lora_variants(tmp_path, synthetic_root, monkeypatch):
     from fsbench.cli import main
     from fsbench.results import iter_results
 
     monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
     sets = [a for s in [*SMALL, f"runtime.cache_dir={tmp_path / 'cache'}"] for a in ("--set", s)]
-    code = main(["sweep", "--methods", ",".join(NEW), "--backbones", "test-tiny", "--datasets", "synthetic",
+    code = main(["sweep", "--methods", ",".join(("lora", *NEW)), "--backbones", "test-tiny", "--datasets", "synthetic",
                  "--shots", "1,2", "--seeds", "1", "--data-root", str(synthetic_root),
                  "--results", str(tmp_path / "results"), "--device", "cpu", *sets])
     results = iter_results(tmp_path / "results")
     assert code == 0
-    assert sorted((r.method, r.shots) for r in results) == sorted((m, k) for m in NEW for k in (1, 2))
+    assert sorted((r.method, r.shots) for r in results) == sorted((m, k) for m in ("lora", *NEW) for k in (1, 2))
     assert all(r.status == "ok" and 0 <= r.top1 <= 100 and r.trainable_params > 0 for r in results)
+    # the report's "LoRA variants" table: every method, the dataset-mean per shot count, the parameters
+    df = load_results(tmp_path / "results")
+    table = lora_variants_table(df, "test-tiny")
+    assert list(table["method"]) == [m for m in LORA_VARIANTS if m in ("lora", *NEW)]
+    one_shot = df[df["shots"] == 1].set_index("method")["top1"]
+    assert table.set_index("method")["1-shot (1 datasets)"].to_dict() == pytest.approx(one_shot.to_dict())
+    write_report(df, tmp_path / "report", formats="md")
+    assert "## LoRA variants" in (tmp_path / "report" / "report.md").read_text()

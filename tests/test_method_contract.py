@@ -35,6 +35,7 @@ FAST = {
     "lora_pissa": {"iters_per_shot": 2},
     "lora_vera": {"iters_per_shot": 2},
     "clipfit": {"epochs": 2},
+    "two_stage": {"iters_per_shot": 4},
     "linear_probe": {"max_iter": 20},
     "clip_adapter": {"epochs": 5},
     "taskres": {"epochs": 5},

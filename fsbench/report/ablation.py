@@ -144,3 +144,51 @@ def plot_ablation(df: pd.DataFrame, backbone: str | None = None, shots: int = 4)
         shared_legend(fig, axes, ncols=6)
         fig.suptitle(f"LoRA ablations, {backbone} (mean over datasets)", fontweight="bold")
     return fig
+
+
+# ---- "LoRA variants": CLIP-LoRA beside its relatives and the full-weight alternatives (issue 22) -------
+
+LORA_VARIANTS = ("lora", "peft", "lora_dora", "lora_pissa", "lora_vera", "clip_svd", "clipfit", "two_stage")
+
+
+def lora_variants_table(df: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """Rows: the LoRA-family methods with results on `backbone`; columns: per shot count the mean over the
+    datasets every listed method has of per-dataset seed means, and the trainable parameters (median).
+    Empty when fewer than two of them ran."""
+    ok = clean(df)
+    ok = ok[(ok["backbone"] == backbone) & ok["method"].isin(LORA_VARIANTS)] if not ok.empty else ok
+    if ok.empty or ok["method"].nunique() < 2:
+        return pd.DataFrame()
+    per_dataset = ok.groupby(["method", "shots", "dataset"])["top1"].mean().reset_index()
+    methods = per_dataset["method"].nunique()
+    cells = []
+    for shots, block in per_dataset.groupby("shots"):
+        counts = block.groupby("dataset")["method"].nunique()
+        common = counts[counts == methods].index
+        means = block[block["dataset"].isin(common)].groupby("method")["top1"].mean()
+        cells.append(means.rename(f"{shots}-shot ({len(common)} datasets)"))
+    table = pd.concat(cells, axis=1)
+    params = pd.to_numeric(ok["trainable_params"], errors="coerce").groupby(ok["method"]).median()
+    table["trainable params"] = params.reindex(table.index)
+    order = [m for m in LORA_VARIANTS if m in table.index]
+    return table.loc[order].rename_axis("method").reset_index()
+
+
+def lora_variants_markdown(df: pd.DataFrame) -> str:
+    """The report's "LoRA variants" section: one `lora_variants_table` per backbone ("" when none)."""
+    parts = []
+    for backbone in sorted(set(clean(df)["backbone"])) if not df.empty else []:
+        table = lora_variants_table(df, backbone)
+        if table.empty:
+            continue
+        head = list(table.columns)
+        rows = [" | ".join(head), " | ".join("---" for _ in head)]
+        for r in table.itertuples(index=False):
+            cells = [r[0], *("–" if pd.isna(v) else f"{v:.1f}" for v in r[1:-1]),
+                     "–" if pd.isna(r[-1]) else f"{int(r[-1]):,}"]
+            rows.append(" | ".join(str(c) for c in cells))
+        parts += [f"### {backbone}", "", *[f"| {row} |" for row in rows], ""]
+    if not parts:
+        return ""
+    return "\n".join(["## LoRA variants", "", "Top-1 (%): mean over the datasets every listed method has, of "
+                      "per-dataset seed means; CLIP-LoRA (`lora`) beside its relatives.", "", *parts])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from fsbench.errors import ConfigError
-from fsbench.report.ablation import plot_ablation
+from fsbench.report.ablation import lora_variants_markdown, plot_ablation
 from fsbench.report.compare import (
     PaperSections,
     base2new_markdown,
@@ -102,6 +102,8 @@ def _markdown(df: pd.DataFrame, comparison: pd.DataFrame | None, notes: list[str
     paper = paper or PaperSections()
     parts += [paper.main, ""] if paper.main else []
     parts += [protocols, ""] if protocols else []
+    variants = lora_variants_markdown(df)
+    parts += [variants, ""] if variants else []
     parts += [statistics, ""] if statistics else []
     parts += ["## Cost", "", cost_markdown(cost_table(df))] + ([paper.cost] if paper.cost else [])
     parts += [curves_markdown(df)]
