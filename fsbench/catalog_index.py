@@ -90,6 +90,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'tcp',
                     'tip_adapter',
                     'tip_adapter_f',
+                    'two_stage',
                     'zero_shot'],
  'methods': {'clap': {'input': 'features',
                       'paper': 'Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large '
@@ -230,6 +231,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                'summary': 'Tip-Adapter-F: cache keys fine-tuned (AdamW, 20 epochs), selection on '
                                           'the few-shot val set',
                                'unseen': False},
+             'two_stage': {'input': 'images',
+                           'paper': 'Farina et al., Rethinking Few-Shot Adaptation of Vision-Language Models in '
+                                    'Two Stages, CVPR 2025',
+                           'summary': '2SFS: LayerNorms of both encoders, then a text-initialised linear '
+                                      'classifier; fixed budget',
+                           'unseen': True},
              'zero_shot': {'input': 'features',
                            'paper': 'Radford et al., Learning Transferable Visual Models From Natural Language '
                                     'Supervision, ICML 2021',

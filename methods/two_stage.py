@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.config import (
+from fsbench.checks import (
     check_at_least,
     check_betas,
     check_crop_scale,
