@@ -22,7 +22,7 @@ import copy
 import importlib.util
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -86,17 +86,19 @@ class PeftConfig:
     augment: str = "auto"  # see LoRAConfig.augment
     text_buckets: int = 4  # see LoRAConfig.text_buckets
 
+    section: ClassVar[str] = "peft"  # the config section its errors name (a preset: its own)
+
     def __post_init__(self) -> None:
         if self.encoder not in ("vision", "text", "both"):
             raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
-        check_positive("peft", "lr", self.lr)
-        check_positive("peft", "logit_scale", self.logit_scale)
-        check_non_negative("peft", "weight_decay", self.weight_decay)
-        check_non_negative("peft", "eta_min", self.eta_min)
-        check_betas("peft", "betas", self.betas)
-        check_crop_scale("peft", "crop_scale", self.crop_scale)
+        check_positive(self.section, "lr", self.lr)
+        check_positive(self.section, "logit_scale", self.logit_scale)
+        check_non_negative(self.section, "weight_decay", self.weight_decay)
+        check_non_negative(self.section, "eta_min", self.eta_min)
+        check_betas(self.section, "betas", self.betas)
+        check_crop_scale(self.section, "crop_scale", self.crop_scale)
         for name in ("batch_size", "iters_per_shot", "text_buckets"):
-            check_at_least("peft", name, getattr(self, name), 1)
+            check_at_least(self.section, name, getattr(self, name), 1)
         if self.augment not in ("auto", "device", "pil"):
             raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
         build_peft_config(self.config)
@@ -176,7 +178,7 @@ PAPERS = {
 def _preset(name: str) -> type[Peft]:
     """Register `lora_<name>`: `peft` whose default config is the preset (every field still settable)."""
     config = type(f"{name.title()}Config", (PeftConfig,), {
-        "__annotations__": {"config": "str | dict"}, "config": json.dumps(PRESETS[name]),
+        "__annotations__": {"config": "str | dict"}, "config": json.dumps(PRESETS[name]), "section": f"lora_{name}",
         "__doc__": f"The {name} preset of `peft` (CLIP-LoRA's placement and recipe)."})
     method = type(f"Lora{name.title()}", (Peft,), {
         "Config": dataclass(config), "paper": PAPERS[name], "__doc__": f"{PAPERS[name].split(',')[1].strip()} "

@@ -122,6 +122,8 @@ class PromptSRCConfig(DasslRecipe):
         check_non_negative(self.section, "text_weight", self.text_weight)
         check_non_negative(self.section, "image_weight", self.image_weight)
         check_positive(self.section, "logit_scale", self.logit_scale)
+        if self.gpa_mean is not None:
+            check_non_negative(self.section, "gpa_mean", self.gpa_mean)
         if self.gpa_std is not None:
             check_positive(self.section, "gpa_std", self.gpa_std)
         check_crop_scale(self.section, "crop_scale", self.crop_scale)

@@ -16,7 +16,7 @@ from pathlib import Path
 from fsbench.data import DATASETS, DatasetSplits, aircraft, coop, imagenet, imagenet_variants, load_dataset, synthetic
 from fsbench.dataprep.sources import SOURCES
 from fsbench.errors import DataError
-from fsbench.splits import validate_source
+from fsbench.splits import validate_lists, validate_source
 
 SPLITS = ("train", "val", "test")
 MAX_SHOTS = 16  # the paper's largest K: classes with fewer train images need --allow-repeat
@@ -88,7 +88,10 @@ def check_dataset(name: str, root: str | Path, verify_images: bool = False, trac
     _compare_counts(report, root)
     _check_files(report, data, root, verify_images, track)
     try:  # what `fsbench run` refuses (a file listed twice, a train image in the test list, ...)
-        validate_source(data)
+        if data.train or data.val:
+            validate_source(data)
+        else:  # an evaluation-only dataset (ImageNet-V2, -Sketch, -A, -R): no draw is ever taken from it
+            validate_lists(data)
     except DataError as exc:
         report.problems.append(str(exc))
     return report
