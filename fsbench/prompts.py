@@ -121,3 +121,31 @@ def frozen_image_features(backbone: Backbone, images: torch.Tensor) -> torch.Ten
     """(N, D) L2-normalised features of preprocessed images through the frozen image tower, float32
     (what the prompt methods score against, and what the feature cache holds)."""
     return F.normalize(backbone.model.encode_image(images).float(), dim=-1)
+
+
+class LearnedModule:
+    """What prompt methods that keep everything they learn in one module, `self.learner`, share (MaPLe,
+    PromptSRC, TCP): freezing it and caching the class text features after training (`_finish`, which calls
+    the method's `text_features`), its parameter count, and saving / reloading it (`--save-adapter`; reloading
+    calls the method's `_build`). Mixed in before `Method`: `class MaPLe(LearnedModule, Method)`."""
+
+    learner: torch.nn.Module
+
+    def _finish(self) -> None:
+        self.learner.requires_grad_(False)
+        with torch.no_grad(), self.ctx.autocast():
+            self.text = self.text_features()
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.learner.parameters())
+
+    def inference_overhead(self) -> int:
+        return self.trainable_params()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.learner.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build()
+        self.learner.load_state_dict(tensors)
+        self._finish()

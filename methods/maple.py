@@ -45,7 +45,7 @@ from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.prompts import INIT_STD, Prompts, assemble_prompts, build_prompts
+from fsbench.prompts import INIT_STD, LearnedModule, Prompts, assemble_prompts, build_prompts
 from fsbench.towers import (
     Hook,
     backbone_support,
@@ -135,7 +135,7 @@ def usable_depth(depth: int, model: nn.Module) -> int:
 
 
 @register_method("maple")
-class MaPLe(Method):
+class MaPLe(LearnedModule, Method):
     """Deep language prompts coupled to deep vision prompts by linear projections; CLIP frozen."""
 
     Config = MaPLeConfig
@@ -182,11 +182,6 @@ class MaPLe(Method):
         prompts, hook = self.learner.vision_prompts()
         return F.normalize(vision_tokens(self.ctx.backbone.model, images, prompts, hook)[0].float(), dim=-1)
 
-    def _finish(self) -> None:
-        self.learner.requires_grad_(False)
-        with torch.no_grad(), self.ctx.autocast():
-            self.text = self.text_features()
-
     def retarget(self) -> None:
         """Unseen classes: the learned prompts in front of their names (MaPLe's base-to-new protocol)."""
         self.prompts = maple_prompts(self)
@@ -196,16 +191,3 @@ class MaPLe(Method):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.config.logit_scale * self.image_features(x) @ self.text.T
 
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.learner.parameters())
-
-    def inference_overhead(self) -> int:
-        return self.trainable_params()
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.learner.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build()
-        self.learner.load_state_dict(tensors)
-        self._finish()

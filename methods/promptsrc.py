@@ -56,7 +56,15 @@ from fsbench.checks import check_at_least, check_crop_scale, check_non_negative,
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.prompt_hooks import deep_prompts_hook
-from fsbench.prompts import INIT_STD, RANDOM, Prompts, assemble_prompts, build_prompts, frozen_image_features
+from fsbench.prompts import (
+    INIT_STD,
+    RANDOM,
+    LearnedModule,
+    Prompts,
+    assemble_prompts,
+    build_prompts,
+    frozen_image_features,
+)
 from fsbench.text import encode_tokens
 from fsbench.towers import (
     backbone_support,
@@ -195,7 +203,7 @@ def promptsrc_prompts(method: Method) -> Prompts:
 
 
 @register_method("promptsrc")
-class PromptSRC(Method):
+class PromptSRC(LearnedModule, Method):
     """Deep independent vision + language prompts with self-consistency to the frozen CLIP and GPA."""
 
     Config = PromptSRCConfig
@@ -265,11 +273,6 @@ class PromptSRC(Method):
         hook = deep_prompts_hook(learner.deep_vision, -learner.vision.shape[0])
         return F.normalize(vision_tokens(self.ctx.backbone.model, images, learner.vision, hook)[0].float(), dim=-1)
 
-    def _finish(self) -> None:
-        self.learner.requires_grad_(False)
-        with torch.no_grad(), self.ctx.autocast():
-            self.text = self.text_features()
-
     def retarget(self) -> None:
         """Unseen classes: the learned prompts in front of their names (the base-to-new protocol)."""
         self.prompts = promptsrc_prompts(self)
@@ -278,18 +281,4 @@ class PromptSRC(Method):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.config.logit_scale * self.image_features(x) @ self.text.T
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.learner.parameters())
-
-    def inference_overhead(self) -> int:
-        return self.trainable_params()
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.learner.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build()
-        self.learner.load_state_dict(tensors)
-        self._finish()
 

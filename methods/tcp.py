@@ -48,7 +48,7 @@ from fsbench.checks import check_at_least, check_crop_scale, check_fraction, che
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.prompt_hooks import block_tokens_hook
-from fsbench.prompts import Prompts, assemble_prompts, build_prompts, frozen_image_features
+from fsbench.prompts import LearnedModule, Prompts, assemble_prompts, build_prompts, frozen_image_features
 from fsbench.towers import text_depth, text_forward
 from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
 
@@ -143,7 +143,7 @@ def handcrafted_template(dataset: str, templates: list[str]) -> str:
 
 
 @register_method("tcp")
-class TCP(Method):
+class TCP(LearnedModule, Method):
     """CoOp context + class-aware tokens from the frozen class text features, with KgCoOp's consistency."""
 
     Config = TCPConfig
@@ -206,11 +206,6 @@ class TCP(Method):
         hook = block_tokens_hook(self.config.block, tokens, self.prompts.prefix.shape[1], self.config.blend)
         return text_forward(self.ctx.backbone.model, x, self.prompts.eot, hook).float()
 
-    def _finish(self) -> None:
-        self.learner.requires_grad_(False)
-        with torch.no_grad(), self.ctx.autocast():
-            self.text = self.text_features()
-
     def retarget(self) -> None:
         """Unseen classes: their frozen features give their class-aware tokens (TCP's base-to-new protocol)."""
         self.prompts = self.make_prompts()
@@ -220,18 +215,4 @@ class TCP(Method):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scores of (N, D) L2-normalised frozen image features (the runner's cached test features)."""
         return self.config.logit_scale * x.float() @ self.text.T
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.learner.parameters())
-
-    def inference_overhead(self) -> int:
-        return self.trainable_params()
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.learner.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build()
-        self.learner.load_state_dict(tensors)
-        self._finish()
 
