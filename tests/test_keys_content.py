@@ -14,36 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from datagen import COLOURS, _encoded, make_coop_dataset
+from test_trust import DTD_JSON, RUN, cli, dtd_run
 
 from fsbench.cli import main
 from fsbench.results import load_results, read_result
 
-RUN = ["run", "-b", "test-tiny", "-k", "1", "-s", "1", "--device", "cpu", "--workers", "0"]
-DTD_JSON = "split_zhou_DescribableTextures.json"
 PADDED = 2048  # every test image is padded to this size, so that other pixels can take the same number of bytes
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in-process: (exit code, stderr); an error is one line, never a traceback."""
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    if code != 0:
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, err
-    return code, err
 
 
 @pytest.fixture
 def lab(tmp_path, monkeypatch):
-    """A working folder with a DTD-layout dataset (3 classes, 3/2/3 images per class)."""
+    """A working folder with a DTD-layout dataset (3 classes, 3/2/3 images per class), as test_trust's."""
     monkeypatch.chdir(tmp_path)
     make_coop_dataset(tmp_path / "data", "dtd", counts=(3, 2, 3))
     return tmp_path
-
-
-def dtd_run(capsys, *extra: str, method: str = "zero_shot") -> tuple[int, str]:
-    return cli(capsys, *RUN, "-m", method, "-d", "dtd", "--data-root", "data", *extra)
 
 
 def stored(lab: Path, method: str = "zero_shot", dataset: str = "dtd", folder: str = ""):
