@@ -403,4 +403,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                          'version': 1},
                'fewshot': {'metrics': ['top1'],
                            'summary': 'K shots of every class, top-1 on the full test split',
-                           'version': 1}}}
+                           'version': 1},
+               'test_time': {'metrics': ['top1'],
+                             'summary': 'one pass over the test split in a seeded order, one unlabelled image at a '
+                                        'time',
+                             'version': 1},
+               'transductive': {'metrics': ['top1'],
+                                'summary': 'the whole unlabelled test split at once (not comparable with inductive '
+                                           'few-shot)',
+                                'version': 1}}}

@@ -6,14 +6,16 @@ evaluated dataset) the named `EvalSet`s to score and how their accuracies become
 The runner never branches on a protocol's name; a new protocol is one registered subclass.
 
 Registered: `fewshot` (K shots of every class, all test images), `base2new` (CoCoOp's
-base-to-new generalisation), `cross_dataset` (fit on a source, score on other datasets' classes)
-and `domain_generalisation` (fit on ImageNet, score on its shifted variants). This module never
-imports torch, so the sweep planner and reports can use it.
+base-to-new generalisation), `cross_dataset` (fit on a source, score on other datasets' classes),
+`domain_generalisation` (fit on ImageNet, score on its shifted variants), `test_time` (online, one
+unlabelled test image at a time in a seeded order) and `transductive` (the whole unlabelled test set
+at once). This module never imports torch, so the sweep planner and reports can use it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -412,6 +414,50 @@ class DomainGeneralisation(_Transfer):
     title = "Domain generalisation"
     metric_info = (MetricInfo("top1", "Top-1"),)
     table = TableShape(average="targets", source_fallback="fewshot", reference="CoCoOp, Table 3")
+
+
+def shuffled_test(data: DatasetSplits, classes: ClassSet, seed: int, salt: str, metric: str = "top1") -> EvalSet:
+    """Every test image of `data` in an order drawn from (`salt`, dataset, `seed`): the order an online
+    test-time method meets them in. The order is part of the result's identity (`identity.eval_digest`
+    hashes the positions in order)."""
+    order = list(range(len(data.test)))
+    random.Random(f"{salt}|{data.name}|{seed}").shuffle(order)
+    return EvalSet(metric, data.name, tuple(order), tuple(data.test[i].label for i in order), classes)
+
+
+@register_protocol("test_time")
+class TestTime(Protocol):
+    """Online test-time adaptation (TPT, Shu et al. 2022; TDA, Karmanov et al. 2024): one pass over the
+    test split in a seeded order, `online_batch` (1, as TPT/TDA) unlabelled images at a time; a test-time
+    method adapts as it goes and is reset before the next evaluation set. The fit is the few-shot episode's
+    (training-free test-time methods ignore it); an inductive method scores as in `fewshot`."""
+
+    summary = "one pass over the test split in a seeded order, one unlabelled image at a time"
+    title = "Test-time adaptation"
+    metric_info = (MetricInfo("top1", "Top-1"),)
+    unlabelled = "online"
+    online_batch = 1
+
+    def episode(self, source, draw, targets):
+        classes = class_set(source)
+        return fit_all(source, draw, (Target(source.name, (shuffled_test(source, classes, draw.seed, self.name),)),),
+                       classes)
+
+
+@register_protocol("transductive")
+class Transductive(Protocol):
+    """Transductive inference (TransCLIP, Zanella et al., NeurIPS 2024): the method sees each whole unlabelled
+    test split at once (online methods also run). Not the inductive few-shot setting: its numbers are compared
+    with each other, and with the inductive method they build on, not with `fewshot`'s table."""
+
+    summary = "the whole unlabelled test split at once (not comparable with inductive few-shot)"
+    title = "Transductive"
+    metric_info = (MetricInfo("top1", "Top-1"),)
+    unlabelled = "transductive"
+
+    def episode(self, source, draw, targets):
+        classes = class_set(source)
+        return fit_all(source, draw, (Target(source.name, (whole_test(source, classes),)),), classes)
 
 
 def make_protocol(name: str, cross_targets: list[str] | tuple[str, ...] = CROSS_TARGETS,
