@@ -6,7 +6,9 @@
 Used by gpu_check.sh for CoOp and a frozen method on the GPU, and for `fsbench sweep --executor
 ray`. The check passes when the command exits 0 and `--expect` result files under `--results`
 have status "ok" and a finite top-1. Result files are read as plain JSON (fields `method`,
-`status`, `top1`, `train_seconds`, `eval_seconds`, `peak_memory_bytes`, `device`, `error`).
+`status`, `top1`, `train_seconds`, `eval_seconds`, `peak_memory_bytes`, `device`, `error`), plus
+`steps` (optimiser updates, from the stored training curves) and `s_per_step` (train seconds / steps,
+data loading and validation included) for trained methods.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ def read_results(results: Path) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and "method" in data and "status" in data:
-            out.append({k: data.get(k) for k in FIELDS})
+            row = {k: data.get(k) for k in FIELDS}
+            curves = data.get("curves") or {}
+            steps = sum(int(c.get("steps") or 0) for c in curves.values() if isinstance(c, dict))
+            row["steps"] = steps or None
+            row["s_per_step"] = data["train_seconds"] / steps if steps and data.get("train_seconds") else None
+            out.append(row)
     return sorted(out, key=lambda r: (str(r["method"]), r["seed"] or 0))
 
 
@@ -61,8 +68,10 @@ def main() -> None:
     results = read_results(args.results)
     good = sum(ok(r) for r in results)
     for r in results:
+        peak = r["peak_memory_bytes"]
         print(f"{r['method']} seed {r['seed']}: {r['status']} top1 {r['top1']} train {r['train_seconds']} s "
-              f"eval {r['eval_seconds']} s on {r['device']} {r['error'] or ''}")
+              f"({r['steps']} steps, {r['s_per_step']} s/step) eval {r['eval_seconds']} s, peak "
+              f"{peak / 2**30 if peak else None} GiB on {r['device']} {r['error'] or ''}")
     passed = code == 0 and good == args.expect and len(results) == args.expect
     print(f"fsbench exit code {code}; {good} of {args.expect} expected runs ok in {seconds:.1f} s: "
           f"{'pass' if passed else 'FAIL'}")

@@ -96,8 +96,15 @@ def method_checks(s: dict, smoke: bool, out: Path, work: Path) -> list[Check]:
     sweep = ["sweep", *fsbench_args(s, data, ray_res, work, sweep=True), "--methods", "zero_shot,linear_probe",
              "--datasets", "imagefolder", "--shots", "1", "--seeds", "1,2", "--executor", "ray",
              "--set", "study.pretrained=none", *slots]
+    deep_res = work / "deep_prompt"
+    deep = ["run", "--method", "maple,plot_pp", "--dataset", "imagefolder", "--shots", "1", "--seed", "1",
+            "--pretrained", "none", *fsbench_args(s, data, deep_res, work), "--set", "maple.epochs=1",
+            "--set", "plot_pp.epochs=1"]
     runner = script("gpu_checks/cli_runs.py")
     return [
+        Check("deep_prompt", "MaPLe and PLOT++ (deep prompts through both towers), fsbench run, 1 epoch "
+              "(s/step, peak memory)", runner + ["--results", str(deep_res), "--expect", "2", "--out",
+                                                 str(out / "deep_prompt.json"), "--", *deep], 200),
         Check("coop_frozen", "CoOp and linear_probe (a frozen-feature method), fsbench run",
               runner + ["--results", str(coop_res), "--expect", "2", "--out", str(out / "coop_frozen.json"), "--",
                         *coop], 150),

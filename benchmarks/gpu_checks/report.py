@@ -58,6 +58,13 @@ def _memory(n: dict) -> str:
                      for b, p in peaks.items()) + " (fsbench / reference)" if peaks else "-"
 
 
+def _costs(n: dict) -> str:
+    """Per run: status, seconds per training step and peak memory (the methods' cost on the device)."""
+    runs = n.get("runs", [])
+    return ", ".join(f"{r['method']} {r['status']} {fmt(r.get('s_per_step'), '.4f', ' s/step')} peak "
+                     f"{fmt((r.get('peak_memory_bytes') or 0) / 2**30 or None, '.2f', ' GiB')}" for r in runs) or "-"
+
+
 def _runs(n: dict) -> str:
     runs = n.get("runs", [])
     return ", ".join(f"{r['method']} s{r['seed']} {r['status']} top1 {fmt(r['top1'], '.2f')}" for r in runs) or "-"
@@ -65,7 +72,7 @@ def _runs(n: dict) -> str:
 
 NUMBERS: dict[str, Callable[[dict], str]] = {
     "datagen": _datagen, "pytest_gpu": _pytest, "crops": _crops, "lora_e2e": _e2e, "lora_step": _step,
-    "projection": _projection, "memory": _memory, "coop_frozen": _runs, "sweep_ray": _runs}
+    "projection": _projection, "memory": _memory, "coop_frozen": _runs, "sweep_ray": _runs, "deep_prompt": _costs}
 
 
 def key_numbers(record: dict) -> str:
