@@ -27,19 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.backbones import BackboneInfo
+from fsbench.backbones import Backbone, BackboneInfo
+from fsbench.errors import ConfigError
 from fsbench.prompts import Prompts
 from fsbench.text import Hook, encode_token_embeddings, run_blocks, text_pooling, text_tower
+
+NO_VISION_HOOKS = ("its vision tower is not open_clip's VisionTransformer (timm or convolutional towers have no hooks "
+                   "here)")
+NO_TEXT_EMBEDS = "its text tower is a Hugging Face model (no token-embedding entry point)"
 
 
 def tower_support(model: nn.Module) -> str | None:
     """None if both towers of `model` run block by block here; else one line on what does not."""
     visual = getattr(model, "visual", None)
     if not all(hasattr(visual, a) for a in ("conv1", "class_embedding", "transformer", "ln_pre")):
-        return "its vision tower is not open_clip's VisionTransformer (timm or convolutional towers have no hooks here)"
+        return NO_VISION_HOOKS
     if not text_pooling(model).embeds:
-        return "its text tower is a Hugging Face model (no token-embedding entry point)"
+        return NO_TEXT_EMBEDS
     return None
+
+
+def require_towers(method: str, backbone: Backbone) -> nn.Module:
+    """The backbone's model when both towers run block by block here; else a one-line ConfigError naming
+    `method` (a deep-prompt method's first step when it builds its prompts)."""
+    reason = tower_support(backbone.model)
+    if reason:
+        raise ConfigError(f"{method} cannot run on {backbone.spec.name}: {reason}")
+    return backbone.model
 
 
 TIMM_VISION_FAMILIES = ("SigLIP", "SigLIP 2", "EVA-CLIP")  # vision tower: a timm model
@@ -48,10 +62,30 @@ TIMM_VISION_FAMILIES = ("SigLIP", "SigLIP 2", "EVA-CLIP")  # vision tower: a tim
 def backbone_support(info: BackboneInfo) -> str | None:
     """`tower_support` read off a backbone's description, without building it (`Method.supports`)."""
     if not info.vision_attention or info.family in TIMM_VISION_FAMILIES:
-        return "its vision tower is not open_clip's VisionTransformer (timm or convolutional towers have no hooks here)"
-    if not info.text_attention:
-        return "its text tower is a Hugging Face model (no token-embedding entry point)"
-    return None
+        return NO_VISION_HOOKS
+    return text_support(info)
+
+
+def text_support(info: BackboneInfo) -> str | None:
+    """None if the text tower takes token embeddings (what CoOp-style prompts build); else why not."""
+    return None if info.text_attention else NO_TEXT_EMBEDS
+
+
+class DeepPrompted:
+    """Mixin of the methods that prompt both towers block by block (MaPLe, PromptSRC, PLOT++, DePT on
+    MaPLe): what they support is `backbone_support`."""
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        return backbone_support(backbone)
+
+
+class TextPrompted:
+    """Mixin of the methods that prompt the text tower only (CoOp family: DePT on CoOp/KgCoOp, TCP)."""
+
+    @classmethod
+    def supports(cls, backbone: BackboneInfo) -> str | None:
+        return text_support(backbone)
 
 
 def vision_depth(model: nn.Module) -> int:

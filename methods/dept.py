@@ -37,7 +37,6 @@ code (the official MaPLe projection is hard-coded 512 -> 768, too wide for the r
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,14 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.augment import train_transform
-from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_fraction, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.methods.maple import MaPLePrompts, maple_prompts, usable_depth
+from fsbench.methods.maple import maple_learner, maple_prompts
 from fsbench.prompts import Prompts, assemble_prompts, build_prompts
 from fsbench.text import encode_token_embeddings
-from fsbench.towers import backbone_support, text_forward, tower_support, vision_tokens
+from fsbench.towers import DeepPrompted, TextPrompted, text_forward, vision_tokens
 from fsbench.training import DasslRecipe, dassl_lr, dassl_steps, fewshot_image_batches, train_epochs
 
 
@@ -153,19 +151,13 @@ def unnormalised_image_features(model: nn.Module, images: torch.Tensor) -> torch
     return model.encode_image(images)
 
 
-class DePT(Method):
+class DePT(TextPrompted, Method):
     """DePT's head beside a CoOp-family prompt; subclasses name the base method."""
 
     Config = DePTCoOpConfig
     input_kind = "images"
     eval_input = "features"  # the image tower is frozen: logits score cached unnormalised features
     eval_encoder = ("unnormalised-image", unnormalised_image_features)
-
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        if not backbone.text_attention:
-            return "its text tower is a Hugging Face model (no token-embedding entry point)"
-        return None
 
     def _build(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -287,7 +279,7 @@ class DePTKgCoOp(DePT):
 
 
 @register_method("dept_maple")
-class DePTMaPLe(DePT):
+class DePTMaPLe(DeepPrompted, DePT):
     """DePT on MaPLe: coupled deep prompts (2 tokens, depth 9) + cwT and the fused linear head."""
 
     Config = DePTMaPLeConfig
@@ -296,21 +288,10 @@ class DePTMaPLe(DePT):
     paper = "Zhang et al., DePT: Decoupled Prompt Tuning, CVPR 2024 (on MaPLe, Khattak et al., CVPR 2023)"
     summary = "DePT on MaPLe: channel-wise transform + linear head beside MaPLe's cosine logits (w = 0.7)"
 
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        return backbone_support(backbone)
-
     def _build(self) -> None:
-        cfg, ctx = self.config, self.ctx
-        model = ctx.backbone.model
-        reason = tower_support(model)
-        if reason:
-            raise ConfigError(f"{self.name} cannot run on {ctx.backbone.spec.name}: {reason}")
-        self.config = cfg = dataclasses.replace(cfg, depth=usable_depth(cfg.depth, model))
-        self.prompts = maple_prompts(self)
-        self.learner = MaPLePrompts(self.prompts.init, cfg.depth, model.visual.transformer.width, cfg.coupling,
-                                    ctx.seed).to(ctx.device)
-        self.head = DePTHead(ctx.backbone.embed_dim, ctx.num_classes, cfg.cwt, ctx.seed).to(ctx.device)
+        ctx = self.ctx
+        self.learner = maple_learner(self)
+        self.head = DePTHead(ctx.backbone.embed_dim, ctx.num_classes, self.config.cwt, ctx.seed).to(ctx.device)
         self.fitted_classes = ctx.classes
         self.handcrafted = None
 

@@ -41,19 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.augment import train_transform
-from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.prompts import INIT_STD, LearnedModule, Prompts, assemble_prompts, build_prompts
 from fsbench.towers import (
+    DeepPrompted,
     Hook,
-    backbone_support,
     context_window,
     replace_tokens,
+    require_towers,
     text_depth,
     text_forward,
-    tower_support,
     vision_depth,
     vision_tokens,
 )
@@ -134,8 +133,19 @@ def usable_depth(depth: int, model: nn.Module) -> int:
     return min(depth, vision_depth(model), text_depth(model))
 
 
+def maple_learner(method: Method) -> MaPLePrompts:
+    """MaPLe's class prompts (set on `method.prompts`) and its coupled deep prompts, for MaPLe and DePT on
+    MaPLe: the depth is capped at the towers' and recorded in `method.config` (the stored config says what ran)."""
+    cfg, ctx = method.config, method.ctx
+    model = require_towers(method.name, ctx.backbone)
+    method.config = cfg = dataclasses.replace(cfg, depth=usable_depth(cfg.depth, model))
+    method.prompts = maple_prompts(method)
+    return MaPLePrompts(method.prompts.init, cfg.depth, model.visual.transformer.width, cfg.coupling,
+                        ctx.seed).to(ctx.device)
+
+
 @register_method("maple")
-class MaPLe(LearnedModule, Method):
+class MaPLe(DeepPrompted, LearnedModule, Method):
     """Deep language prompts coupled to deep vision prompts by linear projections; CLIP frozen."""
 
     Config = MaPLeConfig
@@ -143,20 +153,8 @@ class MaPLe(LearnedModule, Method):
     paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
     summary = "MaPLe: deep text prompts (depth 9, 2 tokens) coupled to deep vision prompts by projections"
 
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        return backbone_support(backbone)
-
     def _build(self) -> None:
-        cfg, ctx = self.config, self.ctx
-        model = ctx.backbone.model
-        reason = tower_support(model)
-        if reason:
-            raise ConfigError(f"maple cannot run on {ctx.backbone.spec.name}: {reason}")
-        self.config = cfg = dataclasses.replace(cfg, depth=usable_depth(cfg.depth, model))  # the config records it
-        self.prompts = maple_prompts(self)
-        self.learner = MaPLePrompts(self.prompts.init, cfg.depth, model.visual.transformer.width, cfg.coupling,
-                                    ctx.seed).to(ctx.device)
+        self.learner = maple_learner(self)
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
         cfg, ctx = self.config, self.ctx

@@ -56,12 +56,11 @@ from torch import nn
 
 from fsbench import identity
 from fsbench.augment import train_transform
-from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.prompts import INIT_STD, RANDOM, Prompts, assemble_prompts, build_prompts
-from fsbench.towers import backbone_support, context_window, text_forward, tower_support, vision_tokens
+from fsbench.towers import DeepPrompted, context_window, require_towers, text_forward, vision_tokens
 from fsbench.training import DasslRecipe, coop_epochs, dassl_steps, fewshot_image_batches, train_epochs
 
 # plot-pp/trainers/plotpp.py:73-83, keyed by fsbench's dataset names (kept verbatim, spaces included)
@@ -186,7 +185,7 @@ def random_prompts(method: Method, seed: int | None = None) -> list[Prompts]:
 
 
 @register_method("plot_pp")
-class PlotPP(Method):
+class PlotPP(DeepPrompted, Method):
     """N text prompts and M vision prompts per class matched by Sinkhorn optimal transport; CLIP frozen."""
 
     Config = PlotPPConfig
@@ -194,10 +193,6 @@ class PlotPP(Method):
     paper = "Chen et al., PLOT: Prompt Learning with Optimal Transport for Vision-Language Models, ICLR 2023"
     summary = "PLOT++: 4 text x 4 vision prompts matched by Sinkhorn OT, vision-only then joint stage"
     version = 2  # issue 25: stage 1 trained once on seed 1's draw, shared by every seed
-
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        return backbone_support(backbone)
 
     @classmethod
     def reference_seed(cls, config: PlotPPConfig) -> int | None:
@@ -208,9 +203,7 @@ class PlotPP(Method):
         """Prompts and vision prompts, initialised from `seed`'s generators (default: the run's seed)."""
         cfg, ctx = self.config, self.ctx
         seed = ctx.seed if seed is None else seed
-        reason = tower_support(ctx.backbone.model)
-        if reason:
-            raise ConfigError(f"plot_pp cannot run on {ctx.backbone.spec.name}: {reason}")
+        require_towers(self.name, ctx.backbone)
         self.templates = templates
         self.prompts = random_prompts(self, seed) if templates is None else template_prompts(self, templates)
         self.context = nn.Parameter(torch.stack([p.init for p in self.prompts]))

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.augment import train_transform
-from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
@@ -67,11 +66,11 @@ from fsbench.prompts import (
 )
 from fsbench.text import encode_tokens
 from fsbench.towers import (
-    backbone_support,
+    DeepPrompted,
     context_window,
+    require_towers,
     text_depth,
     text_forward,
-    tower_support,
     vision_depth,
     vision_tokens,
 )
@@ -203,7 +202,7 @@ def promptsrc_prompts(method: Method) -> Prompts:
 
 
 @register_method("promptsrc")
-class PromptSRC(LearnedModule, Method):
+class PromptSRC(DeepPrompted, LearnedModule, Method):
     """Deep independent vision + language prompts with self-consistency to the frozen CLIP and GPA."""
 
     Config = PromptSRCConfig
@@ -211,16 +210,9 @@ class PromptSRC(LearnedModule, Method):
     paper = "Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting, ICCV 2023"
     summary = "PromptSRC: deep V+L prompts (4+4 tokens, depth 9), frozen-CLIP consistency, Gaussian averaging"
 
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        return backbone_support(backbone)
-
     def _build(self) -> None:
         cfg, ctx = self.config, self.ctx
-        model = ctx.backbone.model
-        reason = tower_support(model)
-        if reason:
-            raise ConfigError(f"promptsrc cannot run on {ctx.backbone.spec.name}: {reason}")
+        model = require_towers(self.name, ctx.backbone)
         mean, std = GPA_FEW_SHOT.get(ctx.dataset, GPA_DEFAULT)
         self.config = cfg = dataclasses.replace(  # the stored config records what ran
             cfg, depth_text=min(cfg.depth_text, text_depth(model)),

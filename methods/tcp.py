@@ -43,13 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.augment import train_transform
-from fsbench.backbones import BackboneInfo
 from fsbench.checks import check_at_least, check_crop_scale, check_fraction, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.prompt_hooks import block_tokens_hook
 from fsbench.prompts import LearnedModule, Prompts, assemble_prompts, build_prompts, frozen_image_features
-from fsbench.towers import text_depth, text_forward
+from fsbench.towers import TextPrompted, text_depth, text_forward
 from fsbench.training import DasslRecipe, dassl_steps, fewshot_image_batches, train_epochs
 
 # trainers/tcp.py:60-76: the learned prompt per dataset after the context ("X X X X {}, a type of pet.");
@@ -143,7 +142,7 @@ def handcrafted_template(dataset: str, templates: list[str]) -> str:
 
 
 @register_method("tcp")
-class TCP(LearnedModule, Method):
+class TCP(TextPrompted, LearnedModule, Method):
     """CoOp context + class-aware tokens from the frozen class text features, with KgCoOp's consistency."""
 
     Config = TCPConfig
@@ -151,12 +150,6 @@ class TCP(LearnedModule, Method):
     eval_input = "features"  # the image tower is frozen: logits score cached features
     paper = "Yao et al., TCP: Textual-based Class-aware Prompt tuning for Visual-Language Model, CVPR 2024"
     summary = "TCP: CoOp context + class-aware tokens from frozen class embeddings (block 8) + KgCoOp term"
-
-    @classmethod
-    def supports(cls, backbone: BackboneInfo) -> str | None:
-        if not backbone.text_attention:
-            return "its text tower is a Hugging Face model (no token-embedding entry point)"
-        return None
 
     def make_prompts(self) -> Prompts:
         """"<context> <class><suffix>." for the current classes (trainers/tcp.py:60-76)."""
