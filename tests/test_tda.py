@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsbench.backbones import TINY_FAMILIES, BackboneSpec, build_backbone, describe
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.data.templates import TEMPLATES as COOP_TEMPLATES
@@ -148,6 +149,25 @@ def test_fresh_copies_start_empty_and_share_the_usage_record(official, ctx):
     assert len(second.pos) == len(second.neg) == 0 and len(method.pos) == 0
     x = official["one_view"]["features"][:3, 0]
     torch.testing.assert_close(second.logits(x), 100 * x @ official["text"])  # without test data: zero-shot
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, make_runner):
+    return make_runner(tmp_path_factory.mktemp("tda"))
+
+
+@pytest.mark.parametrize("family", ["test-tiny", *TINY_FAMILIES])
+def test_every_backbone_family_adapts_online(family, runner, synthetic):
+    """Cached features only: TDA applies to every family (`supports` is None), its caches fill on each."""
+    assert TDA.supports(describe(family)) is None
+    bb = build_backbone(BackboneSpec(family))
+    method = TDA(method_config(TDA, {}), Context(bb, synthetic, CPU, seed=1, shots=1))
+    method.fit(None, None)  # type: ignore[arg-type]  (training-free: the shots are not used)
+    feats = runner.executor.features.split(bb, synthetic, "test").x[:20]
+    scorer = method.fresh()
+    logits = scorer.online_logits(feats)
+    assert logits.shape == (20, len(synthetic.classnames)) and torch.isfinite(logits).all()
+    assert len(scorer.pos) > 0 and method.inference_overhead() > 0
 
 
 @pytest.fixture
