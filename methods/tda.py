@@ -202,9 +202,10 @@ class ClassCache:
         self.probs = torch.zeros(classes, capacity, classes, device=device) if probs else None
         self.filled = torch.zeros(classes, capacity, dtype=torch.bool, device=device)
         self.entropy: list[list[float]] = [[] for _ in range(classes)]
+        self.size = 0  # entries held, all classes
 
     def __len__(self) -> int:
-        return sum(len(e) for e in self.entropy)
+        return self.size
 
     def update(self, obs: Observation) -> None:
         """Append under capacity; else replace the last (highest-entropy) entry if the new one's entropy is strictly
@@ -214,6 +215,7 @@ class ClassCache:
             slot = len(ent)
             ent.append(obs.entropy)
             self.filled[c, slot] = True
+            self.size += 1
         elif obs.entropy < ent[-1]:
             slot = self.capacity - 1
             ent[slot] = obs.entropy
