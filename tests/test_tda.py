@@ -185,12 +185,29 @@ def _run(root: Path, method: str, protocol: str) -> dict:
     return json.loads(path.read_text())
 
 
-def test_cli_runs_tda_online_under_test_time_and_zero_shot_otherwise(workdir, synthetic_root):
+def test_cli_runs_tda_online_under_test_time_and_zero_shot_otherwise(workdir, synthetic_root, monkeypatch):
+    """A recording of TDA's hooks: under test_time one fresh copy sees the test images one at a time and `logits`
+    is never called; under fewshot only `logits` (zero-shot, the same top-1 as zero_shot)."""
+    calls: list[tuple[str, int]] = []
+
+    def recorded(hook: str):
+        original = getattr(TDA, hook)
+
+        def record(self, *x):
+            calls.append((hook, len(x[0]) if x else 0))  # hook name, images in the batch
+            return original(self, *x)
+        return record
+
+    for hook in ("logits", "online_logits", "fresh"):
+        monkeypatch.setattr(TDA, hook, recorded(hook))
     online = _run(synthetic_root, "tda", "test_time")
+    assert calls == [("fresh", 0)] + [("online_logits", 1)] * 100  # one fresh copy, then one image at a time
+    calls.clear()
     assert online["status"] == "ok" and online["extra"]["unlabelled_test_data"] == "online"
     assert online["n_test"] == 100 and online["top1"] is not None and online["trainable_params"] == 0
     assert online["inference_overhead"] > 0  # the caches held test images
     assert (online["config"]["pos_alpha"], online["config"]["pos_beta"]) == (2.0, 5.0)  # no config: ImageNet's
     inductive = _run(synthetic_root, "tda", "fewshot")
+    assert {h for h, _ in calls} == {"logits"} and sum(n for _, n in calls) == 100  # no online hook, no copy
     assert "unlabelled_test_data" not in inductive["extra"] and inductive["inference_overhead"] == 0
     assert inductive["top1"] == _run(synthetic_root, "zero_shot", "fewshot")["top1"]
