@@ -31,8 +31,9 @@ Deviations (docs/methods.md, "tda"): one view per image on every dataset (the of
 pipeline scores 63 AugMix views + the original, utils.py:94-105, :132-135; ImageNet itself and the ten other
 datasets use one view, :128-130, :137-139); float32 (the official code runs CLIP and the caches in fp16); the
 order of the test images is the protocol's seeded order (the official loader shuffles with torch's RNG seeded
-with 1, tda_runner.py:116-117, utils.py:130/135/139); datasets without an official config use ImageNet's values
-and the dataset's own template.
+with 1, tda_runner.py:116-117, utils.py:130/135/139); with V views at least one is kept (the official
+`int(0.1 V)` is 0 below 10 views); datasets without an official config use ImageNet's values and the dataset's
+own template; the logit scale is 100 on every backbone family (the official code runs OpenAI CLIP only).
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ def observe(views: torch.Tensor, text: torch.Tensor, scale: float = 100.0, selec
 class ClassCache:
     """TDA's cache: per class at most `capacity` entries (key, entropy[, probabilities]), sorted by entropy.
 
-    Slots are preallocated, (classes, capacity, D), a class's entries in its first `count[c]` slots, in the order
-    of the official per-class lists (`update_cache`, tda_runner.py:29-40).
+    Slots are preallocated, (classes, capacity, D); class c's entries fill its first `len(entropy[c])` slots, in
+    the order of the official per-class lists (`update_cache`, tda_runner.py:29-40).
     """
 
     def __init__(self, classes: int, capacity: int, dim: int, device: torch.device, probs: bool):
