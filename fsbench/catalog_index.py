@@ -88,6 +88,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'promptsrc',
                     'taskres',
                     'tcp',
+                    'tda',
                     'tip_adapter',
                     'tip_adapter_f',
                     'two_stage',
@@ -218,6 +219,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                               'CVPR 2024',
                      'summary': 'TCP: CoOp context + class-aware tokens from frozen class embeddings (block 8) + '
                                 'KgCoOp term',
+                     'unseen': True},
+             'tda': {'input': 'features',
+                     'paper': 'Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR '
+                              '2024',
+                     'summary': 'TDA: zero-shot CLIP + positive/negative caches of the test stream, training-free, '
+                                'online',
                      'unseen': True},
              'tip_adapter': {'input': 'features',
                              'paper': 'Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot '
