@@ -145,6 +145,8 @@ class MetricInfo:
             "hm_of_averages" (the harmonic mean of the Averages of `of`: CoCoOp's H), or "none".
         of: the two metrics a harmonic-mean rule combines; a seed that stores no value gets it from them.
         help: one sentence for the protocol's section of the report.
+        digits: significant digits of a table cell (costs that span decades: 0.0018 and 250); 0 = the table's
+            fixed decimals.
     """
 
     name: str
@@ -154,6 +156,7 @@ class MetricInfo:
     average: str = "mean"
     of: tuple[str, ...] = ()
     help: str = ""
+    digits: int = 0
 
     def __post_init__(self):
         if self.seeds not in SEED_RULES or self.average not in AVERAGE_RULES:
@@ -423,12 +426,12 @@ class DomainGeneralisation(_Transfer):
 
 MS_PER_IMAGE, SCORING_PEAK_MIB = "ms_per_image", "scoring_peak_mib"
 SCORING_COST = (
-    MetricInfo(MS_PER_IMAGE, "ms / image", higher_is_better=False,
+    MetricInfo(MS_PER_IMAGE, "ms / image", higher_is_better=False, digits=3,
                help="ms / image: wall-clock milliseconds inside the method's scoring calls per test image (the "
                     "scores back on the CPU, so GPU work counts; image decoding and the cached frozen features of "
                     "feature-input methods do not); an inductive method scores in batches, a test-time one as the "
                     "protocol feeds it."),
-    MetricInfo(SCORING_PEAK_MIB, "Peak MiB", higher_is_better=False,
+    MetricInfo(SCORING_PEAK_MIB, "Peak MiB", higher_is_better=False, digits=4,
                help="Peak MiB: peak memory while scoring: on CUDA the GPU memory allocated by torch (frozen "
                     "backbone included); on CPU the process's peak resident set size so far, an upper bound that "
                     "includes everything the process did before."),
