@@ -19,8 +19,9 @@ Table 1(a): CLIP 69.34 / 74.22 / 71.70, and 2·69.34·74.22/(69.34+74.22) = 71.7
 method cannot produce (in the result's `not_applicable`) is "n/a" with its reason in a footnote,
 never a number, and so is any Average or H that would need it. Results of a protocol that is not
 registered in this process (its plug-in not loaded) still get a generic table of their stored
-metrics, with a note. The few-shot protocol's results make the paper's main table
-(`fsbench.report.tables`). Nothing here imports torch.
+metrics, with a note. A protocol that names a `cost_plot` (test_time: top-1 against ms per test image)
+gets that scatter per backbone (`fsbench.report.cost.plot_accuracy_vs_cost`). The few-shot protocol's
+results make the paper's main table (`fsbench.report.tables`). Nothing here imports torch.
 """
 
 from __future__ import annotations
