@@ -27,7 +27,16 @@ from fsbench.errors import DataError, RunFailed
 from fsbench.features import FeatureCache
 from fsbench.images import bad_images_error, image_loader, scan_images
 from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
-from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol, test_time_mode
+from fsbench.protocols import (
+    MS_PER_IMAGE,
+    SCORING_PEAK_MIB,
+    ClassSet,
+    Episode,
+    EvalSet,
+    Target,
+    make_protocol,
+    test_time_mode,
+)
 from fsbench.resolve import Prepared
 from fsbench.results import Result
 from fsbench.spec import RunSpec
@@ -52,6 +61,32 @@ def calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float | Non
         return None
     conf, pred = logits.float().softmax(-1).max(-1)
     return float(ece(conf.numpy(), (pred == labels).numpy(), 15))
+
+
+class ScoringClock:
+    """Wall-clock time inside a method's scoring calls (`logits`, `online_logits`, `transductive_logits`) and the
+    inputs they scored, for a protocol that records the cost of scoring (`Protocol.scoring_cost`). A call is
+    timed until its scores are on the CPU, so asynchronous GPU work counts; loading and decoding images and
+    reading cached features fall outside."""
+
+    def __init__(self) -> None:
+        self.seconds, self.images = 0.0, 0
+
+    def timed(self, score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`score` returning detached float32 CPU scores, its time and input count added to the clock."""
+        def run(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            out = score(x).detach().float().cpu()
+            self.seconds += time.perf_counter() - start
+            self.images += len(x)
+            return out
+        return run
+
+    def metrics(self, peak_bytes: int) -> dict[str, float | None]:
+        """Milliseconds per scored image and the peak memory of scoring in MiB (None when nothing was scored)."""
+        if not self.images:
+            return {MS_PER_IMAGE: None, SCORING_PEAK_MIB: None}
+        return {MS_PER_IMAGE: 1000.0 * self.seconds / self.images, SCORING_PEAK_MIB: peak_bytes / 2**20}
 
 
 class Executor:
@@ -103,6 +138,7 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - start
+        fit_peak = peak_memory(self.device)  # scoring may reset the CUDA peak to measure its own
         if self.save_adapter is not None:  # what the method learned, before it sees test data
             self.save_adapter(method, prep)
         for target in episode.results:
@@ -110,7 +146,7 @@ class Executor:
             r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
             r.train_seconds = train_seconds
             self._evaluate(method, backbone, prep, target, r)
-            r.peak_memory_bytes = peak_memory(self.device)
+            r.peak_memory_bytes = max(fit_peak, peak_memory(self.device))
             r.trainable_params = method.trainable_params()
             r.inference_overhead = method.inference_overhead()
             if "skipped_images" in source.extra:
@@ -125,10 +161,13 @@ class Executor:
         mode = test_time_mode(prep.protocol, method.test_time)
         if mode != "none":
             result.extra["unlabelled_test_data"] = mode
+        clock = ScoringClock() if prep.protocol.scoring_cost else None
+        if clock is not None and self.device.type == "cuda":  # the peak of this target's scoring alone
+            torch.cuda.reset_peak_memory_stats(self.device)
         for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
             try:
                 logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
-                                                  prep.protocol.online_batch)
+                                                  prep.protocol.online_batch, clock)
             except NotApplicable as exc:
                 accs[ev.metric] = None
                 result.not_applicable[ev.metric] = str(exc)
@@ -150,6 +189,8 @@ class Executor:
             result.metrics.update({f"ece_{k}": v for k, v in ece_of.items()})
         result.top1 = result.metrics.get(headline)
         result.n_test = n
+        if clock is not None:
+            result.metrics.update(clock.metrics(peak_memory(self.device)))
 
     def _eval_items(self, ev: EvalSet) -> list[Item]:
         test = self._data(ev.dataset).test
@@ -173,10 +214,12 @@ class Executor:
         return out[0], out[1]
 
     def eval_logits(self, method: Method, backbone: Backbone, fitted: ClassSet, ev: EvalSet,
-                    mode: str = "none", online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    mode: str = "none", online_batch: int = 1,
+                    clock: ScoringClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of `ev`'s test images over `ev.classes`: a subset of the fitted classes selects rows;
         other classes retarget the method (which may raise `NotApplicable`). Under a test-time `mode`
-        ("online", "transductive") a fresh copy of the method scores the set (see `test_logits`)."""
+        ("online", "transductive") a fresh copy of the method scores the set (see `test_logits`); `clock`
+        times the scoring calls."""
         rows = ev.classes.rows_in(fitted)
         want = fitted if rows is not None else ev.classes
         if method.ctx.classes != want:
@@ -189,29 +232,30 @@ class Executor:
                 raise
         scorer = method.fresh() if mode != "none" else method  # no adaptation leaks from one set to the next
         with torch.set_grad_enabled(mode != "none"):  # a test-time method may take gradient steps
-            logits, _ = self.test_logits(scorer, backbone, self._data(ev.dataset), ev.positions, mode, online_batch)
+            logits, _ = self.test_logits(scorer, backbone, self._data(ev.dataset), ev.positions, mode, online_batch,
+                                         clock)
         if rows is not None and rows != list(range(len(fitted))):
             logits = logits[:, rows]
         return logits, torch.tensor(ev.targets, dtype=torch.long)
 
     def test_logits(self, method: Method, backbone: Backbone, data: DatasetSplits,
                     positions: tuple[int, ...] | None = None, mode: str = "none",
-                    online_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    online_batch: int = 1, clock: ScoringClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits on test images (default: the whole split, in `positions` order): cached features, or images
         through the method. `mode` "online" hands the method one batch of `online_batch` unlabelled inputs at a
         time (`Method.online_logits`), "transductive" the whole set (`Method.transductive_logits`); the labels
-        are returned to the runner only, never shown to the method."""
+        are returned to the runner only, never shown to the method. `clock` times the method's calls."""
         bs = online_batch if mode == "online" else self.cfg.runtime.eval_batch_size
-        score = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
+        hook = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
+        score = (clock or ScoringClock()).timed(hook)
         if (method.eval_input or method.input_kind) == "features":
             tag, encode = method.eval_encoder or ("", None)
             with torch.no_grad():
                 feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
                                             encode=encode, progress=self._progress("encode test"))
             if mode == "transductive":
-                return score(feats.x.to(self.device)).detach().float().cpu(), feats.y
-            chunks = [score(feats.x[i:i + bs].to(self.device)).detach().float().cpu()
-                      for i in range(0, len(feats.y), bs)]
+                return score(feats.x.to(self.device)), feats.y
+            chunks = [score(feats.x[i:i + bs].to(self.device)) for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
         bs = len(items) if mode == "transductive" else bs
@@ -220,7 +264,7 @@ class Executor:
         chunks, labels = [], []
         for images, y in self.track(loader, len(loader), "evaluate"):
             with autocast(self.device):
-                chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
+                chunks.append(score(images.to(self.device, non_blocking=True)))
             labels.append(y)
         return _cat(chunks), _cat(labels)
 

@@ -145,6 +145,8 @@ class MetricInfo:
             "hm_of_averages" (the harmonic mean of the Averages of `of`: CoCoOp's H), or "none".
         of: the two metrics a harmonic-mean rule combines; a seed that stores no value gets it from them.
         help: one sentence for the protocol's section of the report.
+        digits: significant digits of a table cell (costs that span decades: 0.0018 and 250); 0 = the table's
+            fixed decimals.
     """
 
     name: str
@@ -154,6 +156,7 @@ class MetricInfo:
     average: str = "mean"
     of: tuple[str, ...] = ()
     help: str = ""
+    digits: int = 0
 
     def __post_init__(self):
         if self.seeds not in SEED_RULES or self.average not in AVERAGE_RULES:
@@ -228,6 +231,11 @@ class Protocol:
     # "transductive" (each whole set at once; online methods also run). Labels are never shown.
     unlabelled: ClassVar[str] = "none"
     online_batch: ClassVar[int] = 1
+    # cost of scoring: the executor adds `SCORING_COST`'s metrics (milliseconds and peak memory of the method's
+    # scoring calls per test image) to every result; list them in `metric_names`/`metric_info` to show them
+    scoring_cost: ClassVar[bool] = False
+    # (accuracy metric, cost metric) a report plots against each other, one point per method, per backbone
+    cost_plot: ClassVar[tuple[str, str]] = ()
     # the papers' episode: the sources and shots a study plans unless others are asked for explicitly
     # (`--datasets`/`--shots`, or [study] transfer_sources/transfer_shots); () = the study's lists
     paper_sources: ClassVar[tuple[str, ...]] = ()
@@ -416,6 +424,20 @@ class DomainGeneralisation(_Transfer):
     table = TableShape(average="targets", source_fallback="fewshot", reference="CoCoOp, Table 3")
 
 
+MS_PER_IMAGE, SCORING_PEAK_MIB = "ms_per_image", "scoring_peak_mib"
+SCORING_COST = (
+    MetricInfo(MS_PER_IMAGE, "ms / image", higher_is_better=False, digits=3,
+               help="ms / image: wall-clock milliseconds inside the method's scoring calls per test image (the "
+                    "scores back on the CPU, so GPU work counts; image decoding and the cached frozen features of "
+                    "feature-input methods do not); an inductive method scores in batches, a test-time one as the "
+                    "protocol feeds it."),
+    MetricInfo(SCORING_PEAK_MIB, "Peak MiB", higher_is_better=False, digits=4,
+               help="Peak MiB: peak memory while scoring: on CUDA the GPU memory allocated by torch (frozen "
+                    "backbone included); on CPU the process's peak resident set size so far, an upper bound that "
+                    "includes everything the process did before."),
+)
+
+
 def shuffled_test(data: DatasetSplits, classes: ClassSet, seed: int, salt: str, metric: str = "top1") -> EvalSet:
     """Every test image of `data` in an order drawn from (`salt`, dataset, `seed`): the order an online
     test-time method meets them in. The order is part of the result's identity (`identity.eval_digest`
@@ -434,9 +456,15 @@ class TestTime(Protocol):
 
     summary = "one pass over the test split in a seeded order, one unlabelled image at a time"
     title = "Test-time adaptation"
-    metric_info = (MetricInfo("top1", "Top-1"),)
+    metric_names = ("top1", "ece", MS_PER_IMAGE, SCORING_PEAK_MIB)
+    metric_info = (MetricInfo("top1", "Top-1"),
+                   MetricInfo("ece", "ECE", higher_is_better=False,
+                              help="ECE: expected calibration error (15 bins, %) of the softmax scores."),
+                   *SCORING_COST)
     unlabelled = "online"
     online_batch = 1
+    scoring_cost = True
+    cost_plot = ("top1", MS_PER_IMAGE)
 
     def episode(self, source, draw, targets):
         classes = class_set(source)
@@ -452,7 +480,10 @@ class Transductive(Protocol):
 
     summary = "the whole unlabelled test split at once (not comparable with inductive few-shot)"
     title = "Transductive"
-    metric_info = (MetricInfo("top1", "Top-1"),)
+    metric_info = (MetricInfo("top1", "Top-1", help="Not comparable with the inductive few-shot table: a transductive "
+                              "method sees every unlabelled test image of a dataset before it scores any of them; "
+                              "compare it with other transductive results and with the inductive method it builds "
+                              "on."),)
     unlabelled = "transductive"
 
     def episode(self, source, draw, targets):

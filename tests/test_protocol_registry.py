@@ -145,12 +145,13 @@ def test_metadata_renders_a_table(name):
     assert all(label in text for label in labels) or len(labels) == 1  # in the header or the grid's title
     assert all(r"\toprule" in grid_latex(g) for g in grids)
     s = protocol_summary(df, name)
-    plain = [m.name for m in metric_infos(cls) if m.seeds == "mean"]
-    for metric in plain:
+    plain = [m for m in metric_infos(cls) if m.seeds == "mean"]
+    for info in plain:
+        metric, spec = info.name, f".{info.digits}g" if info.digits else ".2f"
         values = [r["metrics"][metric] for r in rows if r["method"] == "coop" and r["dataset"] == "eurosat"]
         cell = s[(s["method"] == "coop") & (s["dataset"] == "eurosat") & (s["metric"] == metric)].iloc[0]
         assert cell["mean"] == pytest.approx(np.mean(values)) and cell["std"] == pytest.approx(np.std(values, ddof=1))
-        shown = f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (2)"
+        shown = f"{np.mean(values):{spec}} ± {np.std(values, ddof=1):{spec}} (2)"
         assert shown in text
 
 

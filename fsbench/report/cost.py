@@ -214,3 +214,41 @@ def plot_pareto(df: pd.DataFrame, backbones: list[str] | None = None) -> Figure 
             return None
         shared_legend(fig, axes, ncols=3)
     return fig
+
+
+def plot_accuracy_vs_cost(points: pd.DataFrame, title: str, xlabel: str, ylabel: str) -> Figure | None:
+    """Accuracy against a cost of scoring (log x axis), one point per row of `points` (columns method, label,
+    acc, cost, partial, na): test-time methods, whose price is paid per test image. Ringed points and the dashed
+    line are the Pareto front among the complete points; hollow markers are means over fewer datasets; a row
+    with `na` (a metric the method cannot produce) is named below the title, not drawn. None when no point
+    has a positive cost."""
+    drawn = points[(points["na"] == "") & (points["cost"] > 0) & points["acc"].notna()]
+    if drawn.empty:
+        return None
+    complete = drawn[~drawn["partial"].astype(bool)]
+    front = pareto_front(complete if not complete.empty else drawn, x="cost", y="acc")
+    on_front = set(front["label"])
+    colors, styles = method_colors(drawn["method"]), method_styles(drawn["method"])
+    with rc_context():
+        fig = Figure(figsize=(4.6, 3.4 + 0.2 * -(-len(drawn) // 2)), layout="constrained")
+        ax = fig.subplots()
+        for r in drawn.itertuples(index=False):
+            ring = r.label in on_front
+            ax.scatter(r.cost, r.acc, s=55 if ring else 30, marker=styles[r.method]["marker"],
+                       facecolors="white" if r.partial else colors[r.method], edgecolors="0.1" if ring else
+                       colors[r.method], lw=1.6 if ring else 1.0, zorder=4, label=r.label)
+        if len(front) > 1:
+            ax.step(front["cost"], front["acc"], where="post", color="0.4", lw=1, ls="--", zorder=2,
+                    label="Pareto front (ringed)")
+        if drawn["partial"].astype(bool).any():
+            mark_partial_legend(ax)
+        _log_time_axis(ax)
+        low, high = ax.get_xlim()
+        if high < 10 * low:  # at least a decade, so that the ticks are round numbers
+            middle = float(np.sqrt(low * high))
+            ax.set_xlim(middle / 10**0.5, middle * 10**0.5)
+        ax.set(xlabel=f"{xlabel} (log scale)", ylabel=ylabel)
+        skipped = points.loc[points["na"] != "", "label"].tolist()
+        fig.suptitle(title + ("\nnot drawn (n/a): " + ", ".join(skipped) if skipped else ""), fontsize=9)
+        shared_legend(fig, [ax], ncols=2)
+    return fig

@@ -218,7 +218,8 @@ def _protocol_cell(row: dict | None, title: str, drill: Drill, rows: list[dict],
     value = None if row["na"] or pd.isna(row["mean"]) else float(row["mean"])
     hint = f"not applicable: {row['na']}" if row["na"] else (
         "from the few-shot run (‡)" if row["fallback"] else "")
-    return Cell(cell_text(row), value, False, hint, drill.add(title, rows, protocol))
+    digits = protocol_view(protocol).metric(row["metric"]).digits
+    return Cell(cell_text(row, digits=digits), value, False, hint, drill.add(title, rows, protocol))
 
 
 def _protocol_columns(block: pd.DataFrame, view: ProtocolView) -> list[tuple[str, str, str]]:

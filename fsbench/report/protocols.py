@@ -19,8 +19,9 @@ Table 1(a): CLIP 69.34 / 74.22 / 71.70, and 2·69.34·74.22/(69.34+74.22) = 71.7
 method cannot produce (in the result's `not_applicable`) is "n/a" with its reason in a footnote,
 never a number, and so is any Average or H that would need it. Results of a protocol that is not
 registered in this process (its plug-in not loaded) still get a generic table of their stored
-metrics, with a note. The few-shot protocol's results make the paper's main table
-(`fsbench.report.tables`). Nothing here imports torch.
+metrics, with a note. A protocol that names a `cost_plot` (test_time: top-1 against ms per test image)
+gets that scatter per backbone (`fsbench.report.cost.plot_accuracy_vs_cost`). The few-shot protocol's
+results make the paper's main table (`fsbench.report.tables`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class ProtocolView:
     headline: str = "top1"
     summary: str = ""
     registered: bool = True
+    cost_plot: tuple[str, ...] = ()  # (accuracy metric, cost metric) to plot against each other
 
     def metric(self, name: str) -> MetricInfo:
         return next((m for m in self.metrics if m.name == name), MetricInfo(name))
@@ -76,7 +78,7 @@ def protocol_view(name: str, df: pd.DataFrame | None = None) -> ProtocolView:
     if name in PROTOCOLS:
         cls = PROTOCOLS.get(name)
         return ProtocolView(name, cls.title or name, metric_infos(cls), cls.table, cls.source_result,
-                            cls.headline, cls.summary)
+                            cls.headline, cls.summary, cost_plot=tuple(cls.cost_plot))
     rows = protocol_rows(df, name) if df is not None else pd.DataFrame()
     stored = [k for col in ("metrics", "not_applicable") if col in rows.columns
               for d in rows[col] if isinstance(d, dict) for k in d if not k.startswith("ece")]
@@ -295,17 +297,19 @@ class Grid:
     labels: int = 1  # leading label columns (left-aligned)
 
 
-def cell_text(row, decimals: int = 2) -> str:
-    """"72.34 ± 0.41 (3)"; an Average "72.34" (+ † when partial); "n/a"; "–" when there is no result."""
+def cell_text(row, decimals: int = 2, digits: int = 0) -> str:
+    """"72.34 ± 0.41 (3)"; an Average "72.34" (+ † when partial); "n/a"; "–" when there is no result. `digits`
+    > 0: that many significant digits instead of `decimals` fixed ones (`MetricInfo.digits`)."""
     if row is None:
         return MISSING
     if row["na"]:
         return NA
-    text = f"{row['mean']:.{decimals}f}"
+    spec = f".{digits}g" if digits else f".{decimals}f"
+    text = f"{row['mean']:{spec}}"
     if row["dataset"] == AVERAGE:
         return text + (DAGGER if row["partial"] else "")
     if not pd.isna(row["std"]):
-        text += f" ± {row['std']:.{decimals}f}"
+        text += f" ± {row['std']:{spec}}"
     return text + f" ({row['n']})" + (DDAGGER if row["fallback"] else "")
 
 
@@ -353,7 +357,8 @@ def metrics_grid(summary: pd.DataFrame, view: ProtocolView, backbone: str, shots
     for dataset in datasets:
         for i, method in enumerate(m for m in methods if any((m, dataset, x) in cells for x in names)):
             rows.append([protocol_label(dataset) if i == 0 else "", method_label(method)]
-                        + [cell_text(cells.get((method, dataset, x)), decimals) for x in names])
+                        + [cell_text(cells.get((method, dataset, x)), decimals, view.metric(x).digits)
+                           for x in names])
         rules.append(len(rows) - 1)
     header = ["Dataset", "Method"] + [m.label for m in view.metrics]
     return Grid(_title(view, backbone, shots, source), header, rows, _notes(block, view), rules[:-1], labels=2)
@@ -371,7 +376,7 @@ def datasets_grid(summary: pd.DataFrame, view: ProtocolView, metric: MetricInfo,
     columns = first + [d for d in order_cocoop(block["dataset"]) if d != source] + average
     header = (["Method"] + [f"Source: {protocol_label(source)}" for _ in first]
               + [protocol_label(d) for d in columns[len(first):]])
-    rows = [[method_label(m)] + [cell_text(cells.get((m, d, metric.name)), decimals) for d in columns]
+    rows = [[method_label(m)] + [cell_text(cells.get((m, d, metric.name)), decimals, metric.digits) for d in columns]
             for m in order_methods(block["method"])]
     label = metric.label if len(view.metrics) > 1 else ""
     return Grid(_title(view, backbone, shots, source, label), header, rows, _notes(block, view))
@@ -428,7 +433,7 @@ def _latex_cell(text: str) -> str:
 def grid_latex(grid: Grid) -> str:
     """A booktabs `table` of a `Grid` (a midrule between datasets), footnotes below."""
     align = "l" * grid.labels + "c" * (len(grid.header) - grid.labels)
-    body = [r"\begin{table*}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(grid.title)}; "
+    body = [r"\begin{table*}[t]", r"\centering", r"\small", rf"\caption{{{_latex_cell(grid.title)}; "
             r"mean $\pm$ std over seeds (n).}", r"\resizebox{\textwidth}{!}{%",
             rf"\begin{{tabular}}{{{align}}}", r"\toprule",
             " & ".join(_latex_cell(h) for h in grid.header) + r" \\", r"\midrule"]
@@ -555,12 +560,59 @@ def plot_base_new(df: pd.DataFrame, backbone: str, shots: int, summary: pd.DataF
     return plot_tradeoff(df, "base2new", backbone, shots, summary)
 
 
+COST_POINT_COLUMNS = ["method", "shots", "label", "acc", "cost", "partial", "na"]
+
+
+def cost_points(summary: pd.DataFrame, view: ProtocolView, backbone: str) -> pd.DataFrame:
+    """One point per (method, shots) of `backbone` for the protocol's `cost_plot` (accuracy, cost): each the mean
+    over datasets of the per-dataset seed-means (the numbers of its tables). `partial` when the method lacks a
+    dataset the backbone's results have; `na` the reasons when a cell is n/a. Labels name the shots only when
+    the backbone has several shot counts."""
+    acc, cost = view.cost_plot
+    cells = summary[(summary["backbone"] == backbone) & (summary["dataset"] != AVERAGE)
+                    & summary["metric"].isin(view.cost_plot)]
+    datasets, several = set(cells["dataset"]), cells["shots"].nunique() > 1
+    rows = []
+    for (method, shots), sub in cells.groupby(["method", "shots"], sort=False):
+        means = {m: sub.loc[sub["metric"] == m, "mean"].astype(float) for m in (acc, cost)}
+        na = "; ".join(sorted({x for x in sub["na"] if x}))
+        rows.append({"method": method, "shots": int(shots), "na": na,
+                     "label": method_label(method) + (f", {shots} shots" if several else ""),
+                     "acc": means[acc].mean() if len(means[acc]) else np.nan,
+                     "cost": means[cost].mean() if len(means[cost]) else np.nan,
+                     "partial": set(sub["dataset"]) != datasets or len(means[acc]) != len(means[cost])})
+    rank = {m: i for i, m in enumerate(order_methods({r["method"] for r in rows}))}
+    return pd.DataFrame(sorted(rows, key=lambda r: (rank[r["method"]], r["shots"])), columns=COST_POINT_COLUMNS)
+
+
+def cost_figures(df: pd.DataFrame, protocol: str, summary: pd.DataFrame | None = None) -> list[tuple[str, Figure]]:
+    """(file stem, figure) per backbone of a protocol that names a `cost_plot`: accuracy against the cost of
+    scoring per test image, a point per method ("test_time_top1_vs_ms_per_image_ViT-B-16")."""
+    from fsbench.report.cost import plot_accuracy_vs_cost
+
+    view = protocol_view(protocol, df)
+    if len(view.cost_plot) != 2:
+        return []
+    summary = protocol_summary(df, protocol, view) if summary is None else summary
+    acc, cost = (view.metric(m) for m in view.cost_plot)
+    out = []
+    for backbone in sorted(set(summary["backbone"])):
+        title = (f"{view.title}: {acc.display or acc.name} vs {cost.display or cost.name}, {backbone}\n"
+                 "mean over datasets of the seed-means")
+        fig = plot_accuracy_vs_cost(cost_points(summary, view, backbone), title, cost.display or cost.name,
+                                    f"{acc.display or acc.name} (%)")
+        if fig is not None:
+            out.append((f"{slug(protocol)}_{slug(acc.name)}_vs_{slug(cost.name)}_{slug(backbone)}", fig))
+    return out
+
+
 def protocol_figures(df: pd.DataFrame) -> list[tuple[str, Figure]]:
     """(file stem, figure) for every (backbone, shots[, source]) block of each protocol with a harmonic-mean
-    metric: "base2new_ViT-B-16_16shots"."""
+    metric ("base2new_ViT-B-16_16shots"), and per backbone of each protocol with a `cost_plot`."""
     out = []
     for protocol in present_protocols(df):
         view = protocol_view(protocol, df)
+        out += cost_figures(df, protocol)
         if not any(len(m.of) == 2 for m in view.metrics):
             continue
         summary = protocol_summary(df, protocol, view)

@@ -1,9 +1,11 @@
-"""A plug-in method that records what it is shown (tests/test_open_protocols.py): fit's sets, and every
-evaluation call with its batch size and how many test inputs this copy of the method has seen before.
-It writes one JSON line per event to the file named by $FSBENCH_RECORDER_LOG."""
+"""Plug-in methods that record what they are shown (tests/test_open_protocols.py, tests/test_test_time_tracks.py):
+fit's sets, and every evaluation call with its batch size, a fingerprint of each input row, the dataset the
+method was fitted on, whether the scoring object is a copy of the fitted one, and how many test inputs this
+copy has seen before. They write one JSON line per event to the file named by $FSBENCH_RECORDER_LOG."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -17,6 +19,12 @@ def _log(event: dict) -> None:
         fh.write(json.dumps(event) + "\n")
 
 
+def fingerprints(x: torch.Tensor) -> list[str]:
+    """A short hash of each input row (its values rounded to 4 decimals): the same image, the same key."""
+    rows = x.detach().float().cpu().numpy().round(4)
+    return [hashlib.sha1(row.tobytes()).hexdigest()[:12] for row in rows]
+
+
 @register_method("test_time_recorder")
 class Recorder(Method):
     """Zero-shot scores; adapts online by counting what it has seen (a stand-in for TDA's cache)."""
@@ -28,16 +36,34 @@ class Recorder(Method):
     def fit(self, train, val):
         self.weights = self.ctx.text_weights()
         self.seen = 0
-        _log({"event": "fit", "train_split": train.split, "val_split": val.split,
+        self.fitted_id = id(self)
+        _log({"event": "fit", "method": self.name, "dataset": self.ctx.dataset, "seed": self.ctx.seed,
+              "train_split": train.split, "val_split": val.split,
               "train": [it.path for it in train.items], "val": [it.path for it in val.items],
               "train_labels": train.labels.tolist(), "val_labels": val.labels.tolist()})
 
+    def _record(self, event: str, x: torch.Tensor) -> None:
+        _log({"event": event, "method": self.name, "dataset": self.ctx.dataset, "n": len(x),
+              "shape": list(x.shape), "dtype": str(x.dtype), "seen_before": self.seen,
+              "copy": id(self) != self.fitted_id, "keys": fingerprints(x),
+              "x": [round(float(v), 5) for v in x[0, :4]]})
+        self.seen += len(x)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        _log({"event": "logits", "n": len(x)})
+        self._record("logits", x)
         return x @ self.weights.T
 
     def online_logits(self, x: torch.Tensor) -> torch.Tensor:
-        _log({"event": "online", "n": len(x), "seen_before": self.seen,
-              "x": [round(float(v), 5) for v in x[0, :4]]})
-        self.seen += len(x)
+        self._record("online", x)
+        return x @ self.weights.T
+
+
+@register_method("transductive_recorder")
+class TransductiveRecorder(Recorder):
+    """Zero-shot scores; sees each whole evaluation set at once (a stand-in for TransCLIP)."""
+
+    test_time = "transductive"
+
+    def transductive_logits(self, x: torch.Tensor) -> torch.Tensor:
+        self._record("transductive", x)
         return x @ self.weights.T
