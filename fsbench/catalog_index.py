@@ -411,7 +411,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                'fewshot': {'metrics': ['top1'],
                            'summary': 'K shots of every class, top-1 on the full test split',
                            'version': 1},
-               'test_time': {'metrics': ['top1'],
+               'test_time': {'metrics': ['top1', 'ece', 'ms_per_image', 'scoring_peak_mib'],
                              'summary': 'one pass over the test split in a seeded order, one unlabelled image at a '
                                         'time',
                              'version': 1},
