@@ -243,7 +243,7 @@ def test_cli_report_compare_paper(tmp_path, capsys):
     assert "not found" in err and len(err.splitlines()) == 1
 
 
-ISSUE22_FILES = ["prompt_methods_2025.csv", "clip_svd_readme_top1.csv"]
+ISSUE22_FILES = ["prompt_methods_2025.csv", "clip_svd_readme_top1.csv", "gallop_readme_top1.csv"]
 
 
 @pytest.mark.parametrize("name", ISSUE22_FILES)
