@@ -10,10 +10,13 @@ import math
 import open_clip
 import pytest
 import torch
+from test_method_contract import fitted, runner  # noqa: F401  (the module-scoped runner fixture)
 from test_prompts2025 import assert_grads
+from test_sweep import results_by_key, sweep_args
 
 from fsbench.attention import split_attention
 from fsbench.backbones import Backbone, BackboneSpec
+from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.errors import ConfigError
 from fsbench.method import Context
@@ -143,3 +146,23 @@ def test_vit_b16_trainable_count_is_the_official_one():
     """606,208: the official GalLoP on a random ViT-B/16 (tests/fixtures/gallop/README.md)."""
     learner = GalLoPPrompts(torch.zeros(4, 512), 4, 4, 768)
     assert sum(p.numel() for p in learner.parameters()) == 606_208
+
+
+def test_fit_records_the_resolved_schedule_and_batch(runner, tiny, synthetic):  # noqa: F811
+    """epochs / batch_size 0 resolve to the official script's values, and the stored config says what ran."""
+    method = fitted("gallop", runner, tiny, synthetic)
+    assert (method.config.epochs, method.config.batch_size) == (2, 32)  # epochs from FAST; batch: the default 32
+    assert method.trainable_params() == sum(p.numel() for p in method.learner.parameters())
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_sweep_on_the_tiny_backbone(tmp_path, synthetic_root, monkeypatch):
+    """Issue 22's acceptance command for gallop: `fsbench sweep --methods gallop --backbones test-tiny --datasets
+    synthetic --shots 1,2 --seeds 1` (2 epochs)."""
+    monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
+    args = [*sweep_args(tmp_path, synthetic_root), "--methods", "gallop", "--shots", "1,2", "--seeds", "1",
+            "--set", "gallop.epochs=2"]
+    assert main(args) == 0
+    results = results_by_key(tmp_path / "results")
+    assert set(results) == {("gallop", s, 1) for s in (1, 2)}
+    assert all(r.error is None and r.config["batch_size"] == 32 for r in results.values())
