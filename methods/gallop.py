@@ -50,6 +50,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fsbench.augment import train_transform
 from fsbench.backbones import BackboneInfo
@@ -63,6 +64,7 @@ from fsbench.training import DasslRecipe, check_recipe, dassl_steps, fewshot_ima
 OFFICIAL_BATCH = {"imagenet": 128, "sun397": 128, "eurosat": 10}  # scripts/run_{imagenet,sun,eurosat}.sh:7
 DEFAULT_BATCH = 32  # the other scripts/run_*.sh:7
 SHORT_SCHEDULE = {"imagenet": 50}  # scripts/run_imagenet.sh:6; 200 in the other scripts
+CHECKPOINTED = ("imagenet", "sun397")  # scripts/run_{imagenet,sun}.sh:11 --checkpointing_segments 5 / 8; others 0
 
 
 @dataclass
@@ -84,6 +86,9 @@ class GalLoPConfig(DasslRecipe):
     local_loss: bool = True  # scripts :21
     logit_scale: float = 100.0  # exp(CLIP's learned temperature) for the OpenAI weights (train.py:57)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # transforms.py:32
+    # gradient checkpointing of the text tower in training (memory, not numbers): "auto" = as the official scripts,
+    # on for ImageNet and SUN397 (8 prompts x 1000 / 397 classes per step), else off; "on"; "off"
+    checkpoint_text: str = "auto"
 
     section: ClassVar[str] = "gallop"
 
@@ -103,6 +108,8 @@ class GalLoPConfig(DasslRecipe):
                               f"(n_local = {self.n_local})")
         if not (self.global_loss or self.local_loss):
             raise ConfigError("gallop: global_loss and local_loss cannot both be false")
+        if self.checkpoint_text not in ("auto", "on", "off"):
+            raise ConfigError(f'gallop.checkpoint_text must be "auto", "on" or "off", got {self.checkpoint_text!r}')
         if not self.init.strip() or self.init == "random":
             raise ConfigError('gallop.init must be initialisation words such as "a photo of a"')
 
@@ -222,7 +229,9 @@ class GalLoP(LearnedModule, Method):
         cfg, ctx = self.config, self.ctx
         self.config = cfg = dataclasses.replace(  # the stored config records what ran
             cfg, epochs=cfg.epochs or SHORT_SCHEDULE.get(ctx.dataset, 200),
-            batch_size=cfg.batch_size or OFFICIAL_BATCH.get(ctx.dataset, DEFAULT_BATCH))
+            batch_size=cfg.batch_size or OFFICIAL_BATCH.get(ctx.dataset, DEFAULT_BATCH),
+            checkpoint_text=("on" if ctx.dataset in CHECKPOINTED else "off") if cfg.checkpoint_text == "auto"
+            else cfg.checkpoint_text)
         self._build()
         self._dropout = ctx.generator(2)
         bb = ctx.backbone
@@ -257,10 +266,17 @@ class GalLoP(LearnedModule, Method):
 
     def text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global (C, N, D), local (C, M, D)) L2-normalised features of every prompt for every class."""
+        return self._encode(self.learner.global_prompts).transpose(0, 1), \
+            self._encode(self.learner.local_prompts).transpose(0, 1)
+
+    def _encode(self, contexts: torch.Tensor) -> torch.Tensor:
+        """(K, C, D) features of K contexts; with `checkpoint_text` "on" and gradients, one prompt's text
+        activations at a time are kept (recomputed in the backward pass; the same values)."""
         model = self.ctx.backbone.model
-        glob = encode_prompts(model, self.prompts, self.learner.global_prompts).float()
-        local = encode_prompts(model, self.prompts, self.learner.local_prompts).float()
-        return glob.transpose(0, 1), local.transpose(0, 1)
+        if self.config.checkpoint_text != "on" or not torch.is_grad_enabled():
+            return encode_prompts(model, self.prompts, contexts).float()
+        return torch.cat([checkpoint(encode_prompts, model, self.prompts, c[None], use_reentrant=False)
+                          for c in contexts]).float()
 
     def retarget(self) -> None:
         """Unseen classes: the learned prompts before their names."""

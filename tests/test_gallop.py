@@ -5,6 +5,7 @@ trainable-parameter count on ViT-B/16."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import open_clip
@@ -152,6 +153,7 @@ def test_fit_records_the_resolved_schedule_and_batch(runner, tiny, synthetic):  
     """epochs / batch_size 0 resolve to the official script's values, and the stored config says what ran."""
     method = fitted("gallop", runner, tiny, synthetic)
     assert (method.config.epochs, method.config.batch_size) == (2, 32)  # epochs from FAST; batch: the default 32
+    assert method.config.checkpoint_text == "off"  # "auto": on for ImageNet and SUN397 only
     assert method.trainable_params() == sum(p.numel() for p in method.learner.parameters())
     assert not any(p.requires_grad for p in tiny.model.parameters())
 
@@ -166,3 +168,18 @@ def test_sweep_on_the_tiny_backbone(tmp_path, synthetic_root, monkeypatch):
     results = results_by_key(tmp_path / "results")
     assert set(results) == {("gallop", s, 1) for s in (1, 2)}
     assert all(r.error is None and r.config["batch_size"] == 32 for r in results.values())
+
+
+def test_text_checkpointing_gives_the_same_loss_and_gradients(official, parity_method):
+    """checkpoint_text "on" (the official ImageNet / SUN397 scripts' memory saving) changes no number."""
+    method, out = parity_method, []
+    for mode in ("off", "on"):
+        method.config = dataclasses.replace(method.config, checkpoint_text=mode)
+        method.learner.zero_grad()
+        loss = method.loss(official["images"], official["labels"], keep=official["keep"])
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in method.learner.parameters()]))
+    method.config = dataclasses.replace(method.config, checkpoint_text="auto")
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=0)
+    # one prompt per text batch instead of four: float32 rounding only (as against the official code)
+    assert_grads(dict(enumerate(out[1][1])), dict(enumerate(out[0][1])))
