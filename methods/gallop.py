@@ -38,7 +38,9 @@ Official code: github.com/MarcLafon/gallop (commit f75999e):
 Deviations (docs/methods.md, "gallop"): bf16 autocast on GPU; the prompt dropout draws from a generator
 seeded by the run's seed, not the global RNG; a train set smaller than one batch trains on one batch of
 everything (Dassl's rule; the official loader would yield no batch); the layer scale of open_clip blocks
-that have one is applied on the value path (none on OpenAI CLIP); the OOD scores (GL-MCM) are not exposed.
+that have one is applied on the value path (none on OpenAI CLIP); text-tower checkpointing (ImageNet, SUN397 as
+the official scripts) keeps one prompt's activations at a time, not every few blocks; the OOD scores (GL-MCM) are
+not exposed.
 """
 
 from __future__ import annotations
