@@ -75,6 +75,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'coop',
                     'coop_4ctx',
                     'dept',
+                    'gallop',
                     'gda',
                     'kgcoop',
                     'linear_probe',
@@ -149,6 +150,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                             'summary': "DePT on MaPLe: channel-wise transform + linear head beside MaPLe's cosine "
                                        'logits (w = 0.7)',
                             'unseen': True},
+             'gallop': {'input': 'images',
+                        'paper': 'Lafon et al., GalLoP: Learning Global and Local Prompts for Vision-Language '
+                                 'Models, ECCV 2024',
+                        'summary': 'GalLoP: 4 global + 4 local prompts, top-k (5-20) patch alignment, prompt '
+                                   'dropout',
+                        'unseen': True},
              'gda': {'input': 'features',
                      'paper': 'Wang et al., A Hard-to-Beat Baseline for Training-free CLIP-based Adaptation, ICLR '
                               '2024',

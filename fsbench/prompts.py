@@ -57,14 +57,16 @@ def init_words(init: str) -> str | None:
 
 @torch.no_grad()
 def build_prompts(backbone: Backbone, classnames: list[str], n_ctx: int, init: str,
-                  device: torch.device, generator: torch.Generator, *, pad_words: bool = False) -> Prompts:
+                  device: torch.device, generator: torch.Generator, *, pad_words: bool = False,
+                  end: str = ".") -> Prompts:
     """Tokenise "<context placeholders> <class>." per class and split the embeddings around the context.
 
     `init` is "random" (`n_ctx` vectors from N(0, 0.02) drawn with `generator`) or initialisation words
     (their embeddings; `n_ctx` is then their token count and the argument is ignored, as CoOp). With
     `pad_words`, `n_ctx` is kept: zero vectors, then the words' embeddings in the last slots (ProGrad,
     github.com/BeierZhu/Prompt-align ProGrad.public/trainers/prograd.py:78-95); a `ValueError` if the words
-    need more than `n_ctx` tokens.
+    need more than `n_ctx` tokens. `end` follows the class name ("." as CoOp; "" for GalLoP's
+    "[SOS] <context> <class> [EOT]", github.com/MarcLafon/gallop f75999e gallop/vlprompt/gallop.py:222-229).
     """
     embed = text_tower(backbone.model).token_embedding  # CustomTextCLIP (SigLIP, EVA) keeps it on model.text
     bos = backbone.prompt_layout.bos  # begin tokens before the context: 1 (OpenAI BPE), 0 (SigLIP)
@@ -84,7 +86,7 @@ def build_prompts(backbone: Backbone, classnames: list[str], n_ctx: int, init: s
             ctx0 = torch.cat([torch.zeros(n_ctx - n_words, width), ctx0])
             placeholder = " ".join(["X"] * (n_ctx - n_words) + [words])
         n_ctx = ctx0.shape[0]
-    texts = [f"{placeholder} {name.replace('_', ' ')}." for name in classnames]
+    texts = [f"{placeholder} {name.replace('_', ' ')}{end}" for name in classnames]
     tokens = truncate_tokens(backbone.tokenize(texts), backbone.model).to(device)
     emb = embed(tokens)
     eot = text_pooling(backbone.model).index(tokens)

@@ -31,8 +31,9 @@ GPU (official fp16); parameters from generators seeded by the run's seed; the te
 features are cached once per backbone (`eval_encoder`; DePT on MaPLe re-encodes the test images through its
 prompted vision tower). DePT on MaPLe follows trainers/elp_maple.py:43-150 (the same head, loss and fusion on
 MaPLe's prompted features; ExtrasLinearProbeMaPLe/vit_b16_c2_ep10_batch4_2ctx.yaml: 2 tokens, depth 9, 10
-epochs, batch 4) on fsbench's MaPLe prompts (methods/maple.py); its loss is not checked against the official
-code (the official MaPLe projection is hard-coded 512 -> 768, too wide for the random parity model).
+epochs, batch 4) on fsbench's MaPLe prompts (methods/maple.py); its loss, gradients and fused logits equal the
+official code's on a random CLIP with ViT-B/16's widths (the official MaPLe projection is hard-coded 512 -> 768;
+tests/fixtures/dept/README.md).
 """
 
 from __future__ import annotations

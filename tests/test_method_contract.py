@@ -43,6 +43,7 @@ FAST = {
     "lp_plus_plus": {"epochs": 20},
     "maple": {"epochs": 2},  # depth 9 is capped at test-tiny's 2 blocks
     "plot_pp": {"epochs": 2},  # per stage
+    "gallop": {"epochs": 2},
     "promptsrc": {"epochs": 2},  # depth 9 is capped at test-tiny's 2 blocks
     "tcp": {"epochs": 2},
     "dept_coop": {"epochs": 2},

@@ -336,3 +336,71 @@ def test_dept_on_maple_uses_maples_prompted_features(tiny, synthetic):
     dept._finish()
     sim = 100 * F.normalize(image, dim=-1) @ F.normalize(dept.text, dim=-1).T
     torch.testing.assert_close(dept.logits(images), 0.3 * sim + 0.7 * dept.head.linear(image))
+
+
+def dept_maple_init(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The official tensors' values as the fixture's harness set them (tests/fixtures/dept/README.md): one
+    `Generator().manual_seed(4)`, sorted names, `randn` x 0.1 (cwT, around 1 for scales; head weight), 0.01 (biases),
+    512^-0.5 (projection weights), 0.02 (prompts)."""
+    def scale(name: str) -> float:
+        if "film" in name:
+            return 0.1
+        if name.endswith("bias"):
+            return 0.01
+        if "proj" in name and name.endswith("weight"):
+            return 512 ** -0.5
+        return 0.02 if "prompt" in name or name.endswith("ctx") else 0.1
+
+    g = torch.Generator().manual_seed(4)
+    return {n: (1.0 if n.endswith("scale") else 0.0) + scale(n) * torch.randn(shapes[n], generator=g)
+            for n in sorted(shapes)}
+
+
+def dept_maple_tensor(method: DePTMaPLe, name: str) -> torch.Tensor:
+    """fsbench's tensor for an official DePT-on-MaPLe parameter name (trainers/elp_maple.py, trainers/maple.py)."""
+    learner, head = method.learner, method.head
+    parts = name.split(".")
+    if parts[0] == "prompt_learner":
+        if parts[1] == "ctx":
+            return learner.context
+        if parts[1] == "proj":
+            return getattr(learner.proj, parts[2])
+        if parts[1] == "compound_prompts_text":
+            return learner.deep_text[int(parts[2])]
+        return getattr(learner.deep_proj[int(parts[2])], parts[3])
+    module = {"film_lp_img": head.image, "film_lp_text": head.text, "linear_probe_proj": head.linear}[parts[0]]
+    return getattr(module, parts[1])
+
+
+def test_dept_maple_loss_gradients_and_logits_equal_the_official_code(tiny):
+    """DePT on MaPLe against the official ExtrasLinearProbeMaPLe model on a random CLIP with ViT-B/16's widths
+    (the official MaPLe projection is hard-coded 512 -> 768), depth 9, 2 tokens."""
+    data = torch.load(FIXTURES / "dept" / "official_loss_maple.pt", weights_only=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**data["parity_config"], quick_gelu=True)
+    checksum = float(sum(v.double().sum() for v in model.state_dict().values()))
+    assert math.isclose(checksum, data["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixtures"
+    split_attention(model)
+    model.requires_grad_(False).eval()
+    bb = Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 32, tiny.mean, tiny.std, 64)
+    method = DePTMaPLe(method_config(DePTMaPLe, {"logit_scale": data["logit_scale"]}),
+                       parity_context(bb, "oxford_pets", data["classnames"]))
+    method._build()
+    assert method.config.depth == 9 and method.trainable_params() == sum(math.prod(s) for s in data["shapes"].values())
+    init = dept_maple_init(data["shapes"])
+    assert all(math.isclose(float(v.double().sum()), data["init_check"][n], rel_tol=1e-9) for n, v in init.items())
+    with torch.no_grad():
+        for name, value in init.items():
+            dept_maple_tensor(method, name).copy_(value)
+    loss = method.loss(data["images"], data["labels"])
+    loss.backward()
+    assert math.isclose(loss.item(), data["loss"], rel_tol=1e-5)
+    want = {n: (g["u"] @ g["vh"]).float() if isinstance(g, dict) else g for n, g in data["grads"].items()}
+    deep_text = method.learner.deep_text.grad
+    got = {n: deep_text[int(n.split(".")[-1])] if "compound_prompts_text" in n else dept_maple_tensor(method, n).grad
+           for n in want}
+    assert set(want) == set(data["shapes"])
+    assert_grads(got, want)
+    method._finish()
+    torch.testing.assert_close(method.logits(data["images"]), data["logits"], rtol=1e-5, atol=1e-5)

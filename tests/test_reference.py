@@ -241,3 +241,33 @@ def test_cli_report_compare_paper(tmp_path, capsys):
                  str(tmp_path / "missing.csv")]) != 0
     err = capsys.readouterr().err.strip()
     assert "not found" in err and len(err.splitlines()) == 1
+
+
+ISSUE22_FILES = ["prompt_methods_2025.csv", "clip_svd_readme_top1.csv", "gallop_readme_top1.csv"]
+
+
+@pytest.mark.parametrize("name", ISSUE22_FILES)
+def test_issue22_reference_files_load_and_name_registered_methods(name):
+    """The issue-22 files (each method's own headline numbers) load as references, every row cites a
+    source, and every method they name is registered (so `--compare` can meet a result of it)."""
+    from fsbench.method import METHODS
+
+    ref = load_reference(REFERENCE / name)
+    assert not ref.empty and ref["source"].str.startswith("github.com/").all()
+    assert set(ref["method"]) <= set(METHODS.names())
+    assert set(ref["backbone"]) == {"ViT-B/16"}
+
+
+def test_issue22_published_averages_are_consistent_as_printed():
+    """Read with the csv module: DePT's printed H is the harmonic mean of its printed Base and New
+    (to the printed 2 decimals), GalLoP's printed Average is the mean of its 11 datasets (to 1 decimal)."""
+    b2n: dict[str, dict[str, float]] = {}
+    for row in _rows("prompt_methods_2025.csv"):
+        b2n.setdefault(row["method"], {})[row["metric"]] = float(row["top1"])
+    assert {"promptsrc", "dept_coop", "dept_kgcoop", "dept_maple"} <= set(b2n)
+    for method, m in b2n.items():
+        assert 2 * m["base"] * m["new"] / (m["base"] + m["new"]) == pytest.approx(m["hm"], abs=0.006), method
+    cells = {r["dataset"]: float(r["top1"]) for r in _rows("gallop_readme_top1.csv")}
+    assert len(cells) == 12
+    average = cells.pop("average")
+    assert sum(cells.values()) / 11 == pytest.approx(average, abs=0.05)
