@@ -42,13 +42,18 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fsbench.augment import RATIO, crop_params
+from fsbench.backbones import Backbone
+from fsbench.checks import check_at_least, check_fraction, check_positive
+from fsbench.errors import ConfigError
 from fsbench.images import item_seed
 
-__all__ = ["VIEWS", "TTAViews", "augmix_for", "avg_entropy", "confidence_order", "select_confident", "view_seed"]
+__all__ = ["AUGMIX_CHOICES", "VIEWS", "TTAViews", "augmix_for", "avg_entropy", "backbone_views", "check_views",
+           "confidence_order", "select_confident", "view_seed"]
 
 VIEWS = 63  # augmented views besides the original: TPT's batch of 64 (tpt_classification.py:171, test_tpt.sh)
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default (data/datautils.py:64)
 IMAGENET_LINEAGE = "imagenet"  # ImageNet and its variants (fsbench.protocols.ClassSet.lineage)
+AUGMIX_CHOICES = ("auto", "always", "never")  # a method config's `augmix`: "auto" = `augmix_for` the class set
 
 
 def view_seed(seed: int, dataset: str, position: int) -> int:
@@ -60,6 +65,23 @@ def augmix_for(lineage: str) -> bool:
     """TPT's rule: AugMix for the fine-grained datasets, plain crops for the ImageNet family
     (tpt_classification.py:171-172 `augmix=len(set_id) > 1`, the ImageNet sets being I/A/V/R/K)."""
     return lineage != IMAGENET_LINEAGE
+
+
+def check_views(section: str, views: int, top: float, augmix: str) -> None:
+    """Range checks of a view method's config: `views` >= 0, `top` in (0, 1], `augmix` in AUGMIX_CHOICES."""
+    check_at_least(section, "views", views, 0)
+    check_fraction(section, "top", top, one=True)
+    check_positive(section, "top", top)
+    if augmix not in AUGMIX_CHOICES:
+        raise ConfigError(f"{section}.augmix must be one of {', '.join(AUGMIX_CHOICES)}, got {augmix!r}")
+
+
+def backbone_views(backbone: Backbone, views: int, augmix: str, lineage: str) -> TTAViews:
+    """The views of a method on `backbone`: its input size and normalisation, its preprocess for the original;
+    AugMix per `augmix` ("auto": `augmix_for(lineage)`, "always", "never")."""
+    mix = augmix_for(lineage) if augmix == "auto" else augmix == "always"
+    return TTAViews(backbone.image_size, tuple(backbone.mean), tuple(backbone.std), views, mix,
+                    original=backbone.preprocess)
 
 
 # ---- AugMix operations (data/augmix_ops.py:24-144); `rng` is the image's RandomState ------------------------
