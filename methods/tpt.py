@@ -47,7 +47,8 @@ from fsbench.tta_views import VIEWS, TTAViews, avg_entropy, backbone_views, chec
 class TPTConfig:
     """TPT's defaults (tpt_classification.py argparse, scripts/test_tpt.sh)."""
 
-    init: str = "a photo of a"  # --ctx_init a_photo_of_a (test_tpt.sh:8): 4 context vectors
+    init: str = "a photo of a"  # --ctx_init a_photo_of_a (test_tpt.sh:8): its 4 tokens are the context
+    n_ctx: int = 4  # --n_ctx (tpt_classification.py:332): context vectors when init is "random" (N(0, 0.02))
     lr: float = 5e-3  # --lr (tpt_classification.py:323), AdamW
     weight_decay: float = 0.01  # torch.optim.AdamW's default (tpt_classification.py:145 passes only lr)
     steps: int = 1  # --tta_steps (:331)
@@ -63,9 +64,10 @@ class TPTConfig:
         check_non_negative(self.section, "weight_decay", self.weight_decay)
         check_at_least(self.section, "steps", self.steps, 0)
         check_positive(self.section, "logit_scale", self.logit_scale)
+        check_at_least(self.section, "n_ctx", self.n_ctx, 1)
         check_views(self.section, self.views, self.top, self.augmix)
-        if not self.init.strip() or self.init == "random":
-            raise ConfigError('tpt.init must be initialisation words such as "a photo of a"')
+        if not self.init.strip():
+            raise ConfigError('tpt.init must be "random" or initialisation words such as "a photo of a"')
 
 
 @register_method("tpt")
@@ -92,7 +94,8 @@ class TPT(Method):
         ctx = self.ctx
         if not text_pooling(ctx.backbone.model).embeds:
             raise ConfigError(f"tpt cannot run on {ctx.backbone.spec.name}: its text tower is a Hugging Face model")
-        self.prompts = build_prompts(ctx.backbone, ctx.classnames, 0, self.config.init, ctx.device, ctx.generator(1))
+        cfg = self.config
+        self.prompts = build_prompts(ctx.backbone, ctx.classnames, cfg.n_ctx, cfg.init, ctx.device, ctx.generator(1))
         with torch.no_grad(), ctx.autocast():
             self.text = self.text_features(self.prompts.init)
 
@@ -155,4 +158,4 @@ class TPT(Method):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._build()
         if not torch.equal(tensors["context"].to(self.prompts.init), self.prompts.init):
-            raise ConfigError("the saved TPT context is not the embedding of its init words on this backbone")
+            raise ConfigError("the saved TPT context is not this configuration's initial context on this backbone")
