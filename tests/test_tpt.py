@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fsbench.attention import split_attention
-from fsbench.backbones import Backbone, BackboneSpec, describe
+from fsbench.backbones import Backbone, BackboneSpec, build_backbone, describe
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.errors import ConfigError
@@ -167,3 +167,25 @@ def test_tpt_and_zero_run_under_the_test_time_protocol(tmp_path, monkeypatch, sy
         assert result["config"]["views"] == 3 and 0 <= result["top1"] <= 100 and result["eval_seconds"] > 0
     tpt = json.loads((tmp_path / "results/runs/test-tiny/synthetic/tpt/test_time/shots1_seed1.json").read_text())
     assert tpt["config"]["lr"] == 5e-3 and tpt["config"]["top"] == 0.1 and tpt["trainable_params"] == 4 * 64
+
+
+@pytest.mark.parametrize("family", ["test-tiny", "test-tiny-siglip2", "test-tiny-eva", "test-tiny-convnext",
+                                    "test-tiny-metaclip2"])
+def test_the_online_step_runs_on_every_family(family, synthetic):
+    """TPT's step and ZERO's vote on each family's tiny random CLIP (no Hugging Face text tower among them)."""
+    bb = build_backbone(BackboneSpec(family))
+    image = Image.open(synthetic.image_root / synthetic.test[0].path).convert("RGB")
+    for cls in (TPT, Zero):
+        assert cls.supports(describe(family)) is None
+        method = cls(method_config(cls, {"views": 3}), Context(bb, synthetic, CPU, 1, 0))
+        method.fit(None, None)  # type: ignore[arg-type]
+        views = method.online_transform()(image, seed=1)[None]
+        assert views.shape == (1, 4, 3, bb.image_size, bb.image_size)
+        scores = method.online_logits(views)
+        assert scores.shape == (1, 10) and torch.isfinite(scores).all()
+    untuned = TPT(method_config(TPT, {"views": 3, "steps": 0}), Context(bb, synthetic, CPU, 1, 0))
+    untuned.fit(None, None)  # type: ignore[arg-type]
+    torch.testing.assert_close(untuned.online_logits(views), untuned.logits(views[:, 0]), rtol=1e-5, atol=1e-4)
+    tuner = TPT(method_config(TPT, {"views": 3}), Context(bb, synthetic, CPU, 1, 0))
+    tuner.fit(None, None)  # type: ignore[arg-type]
+    assert not torch.equal(tuner.adapt(views[0])[1], tuner.prompts.init), "the step left the context as it was"
