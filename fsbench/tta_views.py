@@ -16,6 +16,12 @@ Follows github.com/azshue/TPT at 63ecbac:
   (tpt_classification.py:41-44 `select_confident_samples`); `avg_entropy(logits)` is the entropy of the views'
   mean probability, the marginal entropy TPT minimises (tpt_classification.py:46-51).
 
+Use (what `Method.online_transform` returns; the runner seeds each image, see `fsbench.execute`):
+
+    views = backbone_views(backbone, VIEWS, "auto", ctx.classes.lineage)
+    x = views(pil_image, seed=view_seed(seed, dataset, position))  # (1 + 63, 3, S, S), the original first
+    confident, idx = select_confident(logits_of_x, top=0.1)      # TPT; loss = avg_entropy(confident)
+
 Randomness is explicit: a view's draws come from a `numpy.random.RandomState` and a `torch.Generator` seeded
 with the image's seed (`view_seed(run seed, dataset, test position)`), never the global RNGs, so a result does
 not depend on the order images are met in, on loader workers or on other code. The draws are made in the
