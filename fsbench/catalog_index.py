@@ -92,7 +92,9 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'tda',
                     'tip_adapter',
                     'tip_adapter_f',
+                    'tpt',
                     'two_stage',
+                    'zero',
                     'zero_shot'],
  'methods': {'clap': {'input': 'features',
                       'paper': 'Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large '
@@ -245,12 +247,24 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                'summary': 'Tip-Adapter-F: cache keys fine-tuned (AdamW, 20 epochs), selection on '
                                           'the few-shot val set',
                                'unseen': False},
+             'tpt': {'input': 'images',
+                     'paper': 'Shu et al., Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language '
+                              'Models, NeurIPS 2022',
+                     'summary': "TPT: per test image, one AdamW step on the prompt's context minimising confident "
+                                "views' entropy",
+                     'unseen': True},
              'two_stage': {'input': 'images',
                            'paper': 'Farina et al., Rethinking Few-Shot Adaptation of Vision-Language Models in '
                                     'Two Stages, CVPR 2025',
                            'summary': '2SFS: LayerNorms of both encoders, then a text-initialised linear '
                                       'classifier; fixed budget',
                            'unseen': True},
+             'zero': {'input': 'images',
+                      'paper': 'Farina et al., Frustratingly Easy Test-Time Adaptation of Vision-Language Models, '
+                               'NeurIPS 2024',
+                      'summary': 'ZERO: per test image, the majority vote of its most confident augmented views, '
+                                 'no backprop',
+                      'unseen': True},
              'zero_shot': {'input': 'features',
                            'paper': 'Radford et al., Learning Transferable Visual Models From Natural Language '
                                     'Supervision, ICML 2021',

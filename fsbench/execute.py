@@ -41,6 +41,7 @@ from fsbench.resolve import Prepared
 from fsbench.results import Result
 from fsbench.spec import RunSpec
 from fsbench.splits import FewShotSplit
+from fsbench.tta_views import view_seed
 
 Track = Callable[[Iterable, int, str], Iterable]
 
@@ -259,8 +260,12 @@ class Executor:
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
         bs = len(items) if mode == "transductive" else bs
-        loader = image_loader(items, data.image_root, backbone.preprocess, max(1, bs), self.device,
-                              workers=self.workers)
+        transform, seeds = (method.online_transform() if mode == "online" else None), None
+        if transform is not None:  # a method's own view of each raw image (TPT's views), seeded per image
+            index = range(len(data.test)) if positions is None else positions
+            seeds = [view_seed(method.ctx.seed, data.name, i) for i in index]
+        loader = image_loader(items, data.image_root, transform or backbone.preprocess, max(1, bs), self.device,
+                              workers=self.workers, seeds=seeds)
         chunks, labels = [], []
         for images, y in self.track(loader, len(loader), "evaluate"):
             with autocast(self.device):

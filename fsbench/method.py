@@ -211,6 +211,13 @@ class Method(ABC):
         (`test_time = "online"`) adapts on them as it goes. Never given labels. Default: `logits`."""
         return self.logits(x)
 
+    def online_transform(self) -> Callable | None:
+        """For an image-input method under an online protocol: the transform of each raw test image (PIL ->
+        tensor) instead of the backbone's preprocess, e.g. TPT's augmented views (`fsbench.tta_views`). A random
+        one draws from torch's RNG, which the runner seeds per image from (run seed, dataset, test position).
+        None (default): the backbone's preprocess."""
+        return None
+
     def transductive_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scores of a whole unlabelled evaluation set at once (`test_time = "transductive"`). Default: `logits`."""
         return self.logits(x)
