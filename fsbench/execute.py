@@ -249,7 +249,8 @@ class Executor:
         bs = online_batch if mode == "online" else self.cfg.runtime.eval_batch_size
         hook = {"online": method.online_logits, "transductive": method.transductive_logits}.get(mode, method.logits)
         score = (clock or ScoringClock()).timed(hook)
-        if (method.eval_input or method.input_kind) == "features":
+        transform = method.online_transform() if mode == "online" else None  # its own views of each raw image
+        if transform is None and (method.eval_input or method.input_kind) == "features":
             tag, encode = method.eval_encoder or ("", None)
             with torch.no_grad():
                 feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
@@ -260,7 +261,7 @@ class Executor:
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
         bs = len(items) if mode == "transductive" else bs
-        transform, seeds = (method.online_transform() if mode == "online" else None), None
+        seeds = None
         if transform is not None:  # a method's own view of each raw image (TPT's views), seeded per image
             index = range(len(data.test)) if positions is None else positions
             seeds = [view_seed(method.ctx.seed, data.name, i) for i in index]

@@ -27,9 +27,11 @@ the normalised mean of the normalised template embeddings, fsbench's `Context.te
 template lists (`official_templates`). `fit` ignores the shots; `logits` (any protocol that shows no unlabelled
 test data) is that zero-shot classifier alone; `online_logits` adapts; `fresh` empties both caches.
 
-Deviations (docs/methods.md, "tda"): one view per image on every dataset (the official ImageNet-A/-V2/-R/-Sketch
-pipeline scores 63 AugMix views + the original, utils.py:94-105, :132-135; ImageNet itself and the ten other
-datasets use one view, :128-130, :137-139); float32 (the official code runs CLIP and the caches in fp16); the
+Views (`views`, `online_transform`): 63 AugMix views + the original on ImageNet-A/-V2/-R/-Sketch as the official
+`get_ood_preprocess` (utils.py:94-105, :132-135), made by the shared `fsbench.tta_views` and seeded per image; the
+cached feature alone on ImageNet and the ten other datasets (:128-130, :137-139).
+
+Deviations (docs/methods.md, "tda"): float32 (the official code runs CLIP and the caches in fp16); the
 order of the test images is the protocol's seeded order (the official loader shuffles with torch's RNG seeded
 with 1, tda_runner.py:116-117, utils.py:130/135/139); with V views at least one is kept (the official
 `int(0.1 V)` is 0 below 10 views); datasets without an official config use ImageNet's values and the dataset's
@@ -44,11 +46,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fsbench.checks import check_at_least, check_fraction, check_non_negative, check_positive
 from fsbench.data.templates import IMAGENET_ENSEMBLE
 from fsbench.errors import ConfigError
 from fsbench.method import Context, FewShotData, Method, register_method
+from fsbench.tta_views import VIEWS, TTAViews, backbone_views
 
 # fsbench dataset -> (official config file, positive alpha, positive beta): configs/<file>.yaml:7-8
 POSITIVE: dict[str, tuple[str, float, float]] = {
@@ -68,6 +72,9 @@ POSITIVE: dict[str, tuple[str, float, float]] = {
     "sun397": ("sun397", 2.0, 3.0),
     "ucf101": ("ucf101", 3.0, 8.0),
 }
+
+# the datasets whose official pipeline scores 63 AugMix views + the original (utils.py:132-135: 'A', 'V', 'R', 'S')
+VIEW_DATASETS = frozenset({"imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch"})
 
 # CLIP's 80 ImageNet prompts (openai/CLIP, Prompt_Engineering_for_ImageNet.ipynb), in the order of TDA's
 # datasets/imagenet_r.py:7-86 and datasets/imagenet_sketch.py:6-85
@@ -135,6 +142,10 @@ class TDAConfig:
     # a negative entry's class probabilities count (as 1) strictly inside this band, else 0 (:19-21)
     neg_mask: list[float] = field(default_factory=lambda: [0.03, 1.0])
     select: float = 0.1  # with several views of an image: the fraction of lowest-entropy views kept (utils.py:78)
+    # augmented views of each test image besides the original (`fsbench.tta_views`, AugMix'ed): None = the
+    # official pipeline's, 63 on ImageNet-A/-V2/-R/-Sketch (utils.py:94-105, :132-135) and 0 elsewhere (:128-130,
+    # :137-139); 0 = the cached feature of the image alone
+    views: int | None = None
     logit_scale: float = 100.0  # of the zero-shot logits (utils.py:74)
 
     def __post_init__(self) -> None:
@@ -147,6 +158,8 @@ class TDAConfig:
         _check_band("neg_mask", self.neg_mask)
         check_positive("tda", "select", self.select)
         check_fraction("tda", "select", self.select, one=True)
+        if self.views is not None:
+            check_non_negative("tda", "views", self.views)
 
 
 @dataclass
@@ -263,8 +276,9 @@ def resolved(config: TDAConfig, dataset: str) -> TDAConfig:
     """`config` with the positive cache's alpha and beta of `dataset`'s official config where they are None
     (configs/<dataset>.yaml:7-8; ImageNet's for datasets without one)."""
     _, alpha, beta = POSITIVE.get(dataset, POSITIVE["imagenet"])
+    views = (VIEWS if dataset in VIEW_DATASETS else 0) if config.views is None else config.views
     return dataclasses.replace(config, pos_alpha=alpha if config.pos_alpha is None else config.pos_alpha,
-                               pos_beta=beta if config.pos_beta is None else config.pos_beta)
+                               pos_beta=beta if config.pos_beta is None else config.pos_beta, views=views)
 
 
 @register_method("tda")
@@ -309,9 +323,21 @@ class TDA(Method):
         """Zero-shot scores (N, C): what TDA gives without unlabelled test data (inductive protocols)."""
         return self.config.logit_scale * x.float() @ self.text.T
 
+    def online_transform(self) -> TTAViews | None:
+        """With `views`: the original and `views` AugMix'ed views of each raw test image (the official
+        `get_ood_preprocess`, utils.py:94-105: `AugMixAugmenter(..., n_views=63, augmix=True)`); else None
+        (the cached feature of each image)."""
+        if not self.config.views:
+            return None
+        return backbone_views(self.ctx.backbone, self.config.views, "always", self.ctx.classes.lineage)
+
     @torch.no_grad()
     def online_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores of a batch of test images, one at a time in order: (N, D) features, or (N, V, D) views of each."""
+        """Scores of a batch of test images, one at a time in order: (N, D) features, (N, V, D) features of
+        V views of each, or (N, V, 3, S, S) views (`online_transform`), encoded here."""
+        if x.dim() == 5:
+            n, v = x.shape[:2]
+            x = F.normalize(self.ctx.backbone.model.encode_image(x.flatten(0, 1)).float(), dim=-1).view(n, v, -1)
         views = x.float().to(self.text.device)
         views = views.unsqueeze(1) if views.dim() == 2 else views
         return torch.stack([self.step(v) for v in views])

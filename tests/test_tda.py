@@ -211,3 +211,42 @@ def test_cli_runs_tda_online_under_test_time_and_zero_shot_otherwise(workdir, sy
     assert {h for h, _ in calls} == {"logits"} and sum(n for _, n in calls) == 100  # no online hook, no copy
     assert "unlabelled_test_data" not in inductive["extra"] and inductive["inference_overhead"] == 0
     assert inductive["top1"] == _run(synthetic_root, "zero_shot", "fewshot")["top1"]
+
+
+def test_views_follow_the_official_pipeline_per_dataset():
+    """63 AugMix views + the original on ImageNet-A/-V2/-R/-Sketch (utils.py:132-135), the image alone elsewhere
+    (ImageNet itself and the ten other datasets, :128-130, :137-139); a user's value wins."""
+    for dataset in ("imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch"):
+        assert resolved(TDAConfig(), dataset).views == 63
+    for dataset in ("imagenet", "dtd", "synthetic"):
+        assert resolved(TDAConfig(), dataset).views == 0
+    assert resolved(TDAConfig(views=3), "dtd").views == 3 and resolved(TDAConfig(views=0), "imagenet_a").views == 0
+
+
+def test_views_of_raw_images_are_encoded_and_observed_as_features(synthetic):
+    """With views, the runner hands TDA (1, 1 + V, 3, S, S) views of each raw image (`online_transform`); their
+    encoded, normalised features go through the same step as (1, 1 + V, D) features would."""
+    bb = build_backbone(BackboneSpec("test-tiny"))
+    method = TDA(method_config(TDA, {"views": 3}), Context(bb, synthetic, CPU, seed=1, shots=1))
+    method.fit(None, None)  # type: ignore[arg-type]
+    transform = method.online_transform()
+    assert transform is not None and TDA(method_config(TDA, {}), method.ctx).online_transform() is None
+    from PIL import Image
+
+    image = Image.open(synthetic.image_root / synthetic.test[0].path).convert("RGB")
+    views = transform(image, seed=7)[None]  # (1, 4, 3, S, S), the original first
+    assert views.shape[:2] == (1, 4)
+    a, b = method.fresh(), method.fresh()
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(bb.model.encode_image(views[0]).float(), dim=-1)[None]
+    torch.testing.assert_close(a.online_logits(views), b.online_logits(feats))
+    assert len(a.pos) == len(b.pos) == 1
+
+
+def test_cli_runs_tda_with_views_through_the_image_path(workdir, synthetic_root):
+    """`--set tda.views=2`: the image path with TDA's own views; the stored config records what ran."""
+    assert main(["run", "--method", "tda", "--protocol", "test_time", "--backbone", "test-tiny", "--dataset",
+                 "synthetic", "--shots", "1", "--seed", "1", "--workers", "0", "--device", "cpu",
+                 "--data-root", str(synthetic_root), "--set", "tda.views=2"]) == 0
+    stored = json.loads(Path("results/runs/test-tiny/synthetic/tda/test_time/shots1_seed1.json").read_text())
+    assert stored["status"] == "ok" and stored["config"]["views"] == 2 and stored["n_test"] == 100
