@@ -66,6 +66,7 @@ class Executor:
         self.workers = None if rt.workers < 0 else rt.workers
         self.features = FeatureCache(rt.cache_dir, self.device, rt.eval_batch_size, self.workers)
         self._backbone: tuple[BackboneSpec, Backbone] | None = None
+        self._scored: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def backbone(self, spec: RunSpec) -> Backbone:
         bspec = BackboneSpec(spec.backbone, spec.pretrained or None, spec.checkpoint or None)
@@ -105,6 +106,7 @@ class Executor:
         train_seconds = time.perf_counter() - start
         if self.save_adapter is not None:  # what the method learned, before it sees test data
             self.save_adapter(method, prep)
+        self._scored = {}  # an evaluation set shared by several results (ood: the ID test split) is scored once
         for target in episode.results:
             r = results[target.dataset]
             r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
@@ -115,6 +117,7 @@ class Executor:
             r.inference_overhead = method.inference_overhead()
             if "skipped_images" in source.extra:
                 r.extra["skipped_images"] = len(source.extra["skipped_images"])
+        self._scored = {}
 
     def _evaluate(self, method: Method, backbone: Backbone, prep: Prepared, target: Target, result: Result) -> None:
         """Score every evaluation set of `target` and turn the accuracies into the protocol's metrics."""
@@ -125,21 +128,23 @@ class Executor:
         mode = test_time_mode(prep.protocol, method.test_time)
         if mode != "none":
             result.extra["unlabelled_test_data"] = mode
+        sets: dict[str, tuple] = {}  # metric -> (logits, labels or None) for `Protocol.logit_metrics`
         for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
             try:
-                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
-                                                  prep.protocol.online_batch)
+                logits, labels = self._set_logits(method, backbone, prep, ev, mode)
             except NotApplicable as exc:
                 accs[ev.metric] = None
                 result.not_applicable[ev.metric] = str(exc)
                 continue
             if not torch.isfinite(logits).all():
                 raise RunFailed(f"non-finite logits on the {ev.dataset} test set")
-            accs[ev.metric] = accuracy(logits, labels)
-            ece_of[ev.metric] = calibration_error(logits, labels)
-            n += len(labels)
+            sets[ev.metric] = (logits.numpy(), labels.numpy() if ev.labelled else None)
+            if ev.labelled:  # an unlabelled (OOD) set has no labels among the classes: no accuracy
+                accs[ev.metric] = accuracy(logits, labels)
+                ece_of[ev.metric] = calibration_error(logits, labels)
+            n += len(logits)
         result.eval_seconds = time.perf_counter() - start
-        result.metrics = prep.protocol.metrics(accs)
+        result.metrics = {**prep.protocol.metrics(accs), **prep.protocol.logit_metrics(sets, method.cosine_scale())}
         for name in prep.protocol.metric_names:
             if result.metrics.get(name) is None and name not in result.not_applicable and result.not_applicable:
                 result.not_applicable[name] = "needs " + ", ".join(sorted(result.not_applicable))
@@ -150,6 +155,16 @@ class Executor:
             result.metrics.update({f"ece_{k}": v for k, v in ece_of.items()})
         result.top1 = result.metrics.get(headline)
         result.n_test = n
+
+    def _set_logits(self, method: Method, backbone: Backbone, prep: Prepared, ev: EvalSet,
+                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`eval_logits` of `ev`, computed once per run when the method does not adapt at test time."""
+        if mode != "none":
+            return self.eval_logits(method, backbone, prep.episode.classes, ev, mode, prep.protocol.online_batch)
+        key = (ev.dataset, ev.positions, ev.classes)
+        if key not in self._scored:
+            self._scored[key] = self.eval_logits(method, backbone, prep.episode.classes, ev, mode)
+        return self._scored[key]
 
     def _eval_items(self, ev: EvalSet) -> list[Item]:
         test = self._data(ev.dataset).test
