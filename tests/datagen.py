@@ -209,10 +209,11 @@ def make_ood_set(root: Path, name: str, per_class: int = 3, folder: str | None =
     Places get 32-hex file names as MOS's tarballs, Textures DTD's `<texture>_<nnnn>.jpg`."""
     default, classes = OOD_LAYOUTS[name]
     base = root / (folder or default)
+    shift = list(OOD_LAYOUTS).index(name)  # each set its own mix of colours
     for label, cls in enumerate(classes):
         for k in range(per_class):
             stem = f"{cls}_{k:04d}" if len(classes) > 1 else f"{name}{k}".encode().hex()[:32].ljust(32, "0")
-            write_image(base / cls / f"{stem}.jpg", label + k)
+            write_image(base / cls / f"{stem}.jpg", label + k * (shift + 1))
     if len(classes) > 1:  # DTD's waffled/ holds a KDE .directory file beside its images
         (base / "waffled" / ".directory").write_text("[Dolphin]\n", encoding="utf-8")
     return base

@@ -347,7 +347,7 @@ def metrics_grid(summary: pd.DataFrame, view: ProtocolView, backbone: str, shots
     first or last as the shape says, datasets in CoCoOp's order."""
     block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)]
     cells, methods, names = _lookup(block), order_methods(block["method"]), [m.name for m in view.metrics]
-    datasets = order_cocoop(block["dataset"])
+    datasets = sorted(order_cocoop(block["dataset"]), key=lambda d: d != source)  # the source first (ood: the ID)
     has_avg = (block["dataset"] == AVERAGE).any()
     datasets = ([AVERAGE] + datasets if view.table.average_first else datasets + [AVERAGE]) if has_avg else datasets
     rows, rules = [], []
