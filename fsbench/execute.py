@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class Executor:
         self.workers = None if rt.workers < 0 else rt.workers
         self.features = FeatureCache(rt.cache_dir, self.device, rt.eval_batch_size, self.workers)
         self._backbone: tuple[BackboneSpec, Backbone] | None = None
-        self._scored: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scored: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def backbone(self, spec: RunSpec) -> Backbone:
         bspec = BackboneSpec(spec.backbone, spec.pretrained or None, spec.checkpoint or None)
@@ -106,7 +107,9 @@ class Executor:
         train_seconds = time.perf_counter() - start
         if self.save_adapter is not None:  # what the method learned, before it sees test data
             self.save_adapter(method, prep)
-        self._scored = {}  # an evaluation set shared by several results (ood: the ID test split) is scored once
+        # an evaluation set shared by several results (ood: the ID test split) is scored once; no other is kept
+        shared = Counter(_set_key(ev) for t in episode.results for ev in t.evals)
+        self._scored = {key: None for key, count in shared.items() if count > 1}
         for target in episode.results:
             r = results[target.dataset]
             r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
@@ -158,13 +161,14 @@ class Executor:
 
     def _set_logits(self, method: Method, backbone: Backbone, prep: Prepared, ev: EvalSet,
                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`eval_logits` of `ev`, computed once per run when the method does not adapt at test time."""
-        if mode != "none":
+        """`eval_logits` of `ev`; a set several results share is computed once per run when the method does not
+        adapt at test time (under a test-time mode each set is scored afresh)."""
+        key = _set_key(ev)
+        if mode != "none" or key not in self._scored:
             return self.eval_logits(method, backbone, prep.episode.classes, ev, mode, prep.protocol.online_batch)
-        key = (ev.dataset, ev.positions, ev.classes)
-        if key not in self._scored:
+        if self._scored[key] is None:
             self._scored[key] = self.eval_logits(method, backbone, prep.episode.classes, ev, mode)
-        return self._scored[key]
+        return self._scored[key]  # type: ignore[return-value]
 
     def _eval_items(self, ev: EvalSet) -> list[Item]:
         test = self._data(ev.dataset).test
@@ -283,6 +287,11 @@ class Executor:
 
 
 MIN_FREE_BYTES = 16 * 1024 * 1024  # a result is KBs, a cache shard MBs: below this a run would fail to record
+
+
+def _set_key(ev: EvalSet) -> tuple:
+    """What makes two evaluation sets the same scoring: the images in order and the classes."""
+    return ev.dataset, ev.positions, ev.classes
 
 
 def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:
