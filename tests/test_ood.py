@@ -234,3 +234,20 @@ def test_config_errors_are_one_line(ood_root, tmp_path, monkeypatch, capsys):
     assert "ood_score must be one of mcm, max_logit, energy" in err and "\n" not in err
     assert main([*base, "--set", "study.ood_targets=[]"]) == 2
     assert "ood_targets is empty" in capsys.readouterr().err
+
+
+def test_cosine_scale_is_declared_where_logits_are_scaled_cosines():
+    """docs/methods.md's list: these methods' logits are logit_scale x cosine; a subclass with its own `logits`
+    (two_stage) and a linear head (linear_probe) are scored on their own logits."""
+    from fsbench.method import METHODS
+
+    def scale(name):
+        cls = METHODS.get(name)
+        method = object.__new__(cls)  # no fit needed: the scale is the config's
+        method.config = cls.Config()
+        return method.cosine_scale()
+
+    cosine = ("zero_shot", "coop", "coop_4ctx", "kgcoop", "prograd", "lora", "lora_dora", "lora_pissa", "lora_vera",
+              "peft", "clip_svd")
+    assert {name: scale(name) for name in cosine} == dict.fromkeys(cosine, 100.0)
+    assert scale("two_stage") is None and scale("linear_probe") is None and scale("tip_adapter") is None
