@@ -47,6 +47,10 @@ class Study:
     cross_targets: list[str] = field(default_factory=lambda: [d for d in PAPER_DATASETS if d != "imagenet"])
     dg_targets: list[str] = field(default_factory=lambda: ["imagenet_v2", "imagenet_sketch", "imagenet_a",
                                                            "imagenet_r"])
+    # ood: the OOD sets scored against the ID test split (MOS's four, for ImageNet) and the score function
+    ood_targets: list[str] = field(default_factory=lambda: ["ood_inaturalist", "ood_sun", "ood_places",
+                                                            "ood_textures"])
+    ood_score: str = "mcm"  # mcm | max_logit | energy (fsbench.ood; MCM's default is mcm)
     sampler: str = DEFAULT_SAMPLER  # few-shot sampler: fsbench | clip_lora | coop (`fsbench ls samplers`)
     # cross_dataset / domain_generalisation: the sources and shots they are planned with, when no
     # --datasets / --shots flag names them; [] = the papers' (source imagenet, 16 shots)
@@ -57,6 +61,10 @@ class Study:
         for name in ("methods", "backbones", "datasets", "shots", "seeds", "protocols"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: list at least one (e.g. {name} = {_EXAMPLE[name]})")
+        from fsbench.protocols import OOD_SCORES
+
+        if self.ood_score not in OOD_SCORES:
+            raise ValueError(f"ood_score must be one of {', '.join(OOD_SCORES)}, got {self.ood_score!r}")
         bad = [k for k in [*self.shots, *self.transfer_shots] if k < 1]
         if bad:
             raise ValueError(f"shots must be >= 1, got {bad[0]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class Executor:
         self.workers = None if rt.workers < 0 else rt.workers
         self.features = FeatureCache(rt.cache_dir, self.device, rt.eval_batch_size, self.workers)
         self._backbone: tuple[BackboneSpec, Backbone] | None = None
+        self._scored: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def backbone(self, spec: RunSpec) -> Backbone:
         bspec = BackboneSpec(spec.backbone, spec.pretrained or None, spec.checkpoint or None)
@@ -142,6 +144,9 @@ class Executor:
         fit_peak = peak_memory(self.device)  # scoring may reset the CUDA peak to measure its own
         if self.save_adapter is not None:  # what the method learned, before it sees test data
             self.save_adapter(method, prep)
+        # an evaluation set shared by several results (ood: the ID test split) is scored once; no other is kept
+        shared = Counter(_set_key(ev) for t in episode.results for ev in t.evals)
+        self._scored = {key: None for key, count in shared.items() if count > 1}
         for target in episode.results:
             r = results[target.dataset]
             r.config = dataclasses.asdict(method.config)  # the values that ran (methods resolve placeholders)
@@ -152,6 +157,7 @@ class Executor:
             r.inference_overhead = method.inference_overhead()
             if "skipped_images" in source.extra:
                 r.extra["skipped_images"] = len(source.extra["skipped_images"])
+        self._scored = {}
 
     def _evaluate(self, method: Method, backbone: Backbone, prep: Prepared, target: Target, result: Result) -> None:
         """Score every evaluation set of `target` and turn the accuracies into the protocol's metrics."""
@@ -165,21 +171,23 @@ class Executor:
         clock = ScoringClock() if prep.protocol.scoring_cost else None
         if clock is not None and self.device.type == "cuda":  # the peak of this target's scoring alone
             torch.cuda.reset_peak_memory_stats(self.device)
+        sets: dict[str, tuple] = {}  # metric -> (logits, labels or None) for `Protocol.logit_metrics`
         for ev in sorted(target.evals, key=lambda e: e.classes.rows_in(prep.episode.classes) is None):
             try:
-                logits, labels = self.eval_logits(method, backbone, prep.episode.classes, ev, mode,
-                                                  prep.protocol.online_batch, clock)
+                logits, labels = self._set_logits(method, backbone, prep, ev, mode, clock)
             except NotApplicable as exc:
                 accs[ev.metric] = None
                 result.not_applicable[ev.metric] = str(exc)
                 continue
             if not torch.isfinite(logits).all():
                 raise RunFailed(f"non-finite logits on the {ev.dataset} test set")
-            accs[ev.metric] = accuracy(logits, labels)
-            ece_of[ev.metric] = calibration_error(logits, labels)
-            n += len(labels)
+            sets[ev.metric] = (logits.numpy(), labels.numpy() if ev.labelled else None)
+            if ev.labelled:  # an unlabelled (OOD) set has no labels among the classes: no accuracy
+                accs[ev.metric] = accuracy(logits, labels)
+                ece_of[ev.metric] = calibration_error(logits, labels)
+            n += len(logits)
         result.eval_seconds = time.perf_counter() - start
-        result.metrics = prep.protocol.metrics(accs)
+        result.metrics = {**prep.protocol.metrics(accs), **prep.protocol.logit_metrics(sets, method.cosine_scale())}
         for name in prep.protocol.metric_names:
             if result.metrics.get(name) is None and name not in result.not_applicable and result.not_applicable:
                 result.not_applicable[name] = "needs " + ", ".join(sorted(result.not_applicable))
@@ -192,6 +200,18 @@ class Executor:
         result.n_test = n
         if clock is not None:
             result.metrics.update(clock.metrics(peak_memory(self.device)))
+
+    def _set_logits(self, method: Method, backbone: Backbone, prep: Prepared, ev: EvalSet, mode: str,
+                    clock: ScoringClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`eval_logits` of `ev`; a set several results share is computed once per run when the method does not
+        adapt at test time (under a test-time mode each set is scored afresh). `clock` times the scoring."""
+        key = _set_key(ev)
+        if mode != "none" or key not in self._scored:
+            return self.eval_logits(method, backbone, prep.episode.classes, ev, mode, prep.protocol.online_batch,
+                                    clock)
+        if self._scored[key] is None:
+            self._scored[key] = self.eval_logits(method, backbone, prep.episode.classes, ev, mode, clock=clock)
+        return self._scored[key]  # type: ignore[return-value]
 
     def _eval_items(self, ev: EvalSet) -> list[Item]:
         test = self._data(ev.dataset).test
@@ -318,6 +338,11 @@ class Executor:
 
 
 MIN_FREE_BYTES = 16 * 1024 * 1024  # a result is KBs, a cache shard MBs: below this a run would fail to record
+
+
+def _set_key(ev: EvalSet) -> tuple:
+    """What makes two evaluation sets the same scoring: the images in order and the classes."""
+    return ev.dataset, ev.positions, ev.classes
 
 
 def _cat(chunks: list[torch.Tensor]) -> torch.Tensor:

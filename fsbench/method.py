@@ -235,6 +235,12 @@ class Method(ABC):
         (text-side methods, prompts, LoRA) override this; the default says it cannot."""
         raise NotApplicable(f"{self.name} cannot score classes it never saw: {self.unseen_reason}")
 
+    def cosine_scale(self) -> float | None:
+        """s where `logits` = s x cosine(image feature, class feature), for a method whose logits have that form
+        (CLIP's head; s = 100 for the OpenAI weights), else None (a linear head, an added cache term). OOD scores
+        (`fsbench.ood`, MCM) divide the logits by it to recover the cosine similarities. Default: None."""
+        return None
+
     @classmethod
     def reference_seed(cls, config: Any) -> int | None:
         """The seed whose few-shot draw a stage shared by all seeds trains on, or None (no shared stage).

@@ -8,8 +8,9 @@ The runner never branches on a protocol's name; a new protocol is one registered
 Registered: `fewshot` (K shots of every class, all test images), `base2new` (CoCoOp's
 base-to-new generalisation), `cross_dataset` (fit on a source, score on other datasets' classes),
 `domain_generalisation` (fit on ImageNet, score on its shifted variants), `test_time` (online, one
-unlabelled test image at a time in a seeded order) and `transductive` (the whole unlabelled test set
-at once). This module never imports torch, so the sweep planner and reports can use it.
+unlabelled test image at a time in a seeded order), `transductive` (the whole unlabelled test set
+at once) and `ood` (out-of-distribution detection, MCM's benchmark; `fsbench.ood`). This module never
+imports torch, so the sweep planner and reports can use it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
 from fsbench.errors import DataError
@@ -91,13 +92,16 @@ def _labels_by_wnid(data: DatasetSplits, source: DatasetSplits) -> tuple[int, ..
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Test images to score: `positions` of `dataset`'s test split, each with its index in `classes`."""
+    """Test images to score: `positions` of `dataset`'s test split, each with its index in `classes`.
+    An unlabelled set (`labelled=False`: OOD images, whose classes are none of `classes`) has no
+    `targets`; it is scored over `classes` and no accuracy is computed on it."""
 
     metric: str
     dataset: str
     positions: tuple[int, ...]
     targets: tuple[int, ...]
     classes: ClassSet
+    labelled: bool = True
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,18 @@ class Protocol:
     def metrics(self, accuracies: dict[str, float | None]) -> dict[str, float | None]:
         """Per-set accuracies -> the reported metrics (default: as they are)."""
         return dict(accuracies)
+
+    def logit_metrics(self, sets: dict[str, tuple[Any, Any]], cosine_scale: float | None = None
+                      ) -> dict[str, float | None]:
+        """Metrics computed from the evaluation sets' logits rather than their accuracies, added to `metrics`'
+        (default: none). `sets` maps each scored set's metric name to (logits, labels): float numpy arrays
+        (N, C) over the set's classes, and int labels, or None for an unlabelled set; `cosine_scale` is the
+        method's `Method.cosine_scale()`."""
+        return {}
+
+    def settings(self) -> dict[str, str]:
+        """What configures this protocol beyond its targets ({} for most): part of every result's identity."""
+        return {}
 
     def folder(self, source: str) -> str:
         """The result path segment under the method's folder ("" keeps the few-shot layout)."""
@@ -491,12 +507,83 @@ class Transductive(Protocol):
         return fit_all(source, draw, (Target(source.name, (whole_test(source, classes),)),), classes)
 
 
+OOD_TARGETS = ("ood_inaturalist", "ood_sun", "ood_places", "ood_textures")
+OOD_SCORES = ("mcm", "max_logit", "energy")  # fsbench.ood.SCORES (that module imports numpy)
+
+
+def unlabelled_test(data: DatasetSplits, classes: ClassSet, metric: str) -> EvalSet:
+    """Every test image of `data` as an unlabelled set scored over `classes` (OOD images: their own classes,
+    if any, are none of `classes`)."""
+    return EvalSet(metric, data.name, tuple(range(len(data.test))), (), classes, labelled=False)
+
+
+@register_protocol("ood")
+class OodDetection(Protocol):
+    """Out-of-distribution detection as MCM evaluates it (Ming et al., NeurIPS 2022, deeplearning-wisc/MCM
+    ea7130f eval_ood_detection.py:63-98): fit on the in-distribution (ID) dataset as in `fewshot`; score its
+    test split once and each OOD set (`[study] ood_targets`; MOS's iNaturalist, SUN, Places and Textures,
+    Huang & Li, CVPR 2021) with `[study] ood_score` (`fsbench.ood`); one result per OOD set with its AUROC and
+    FPR95 (ID = positive) and the ID top-1, and a first result on the ID dataset with its top-1 alone (the
+    headline `top1` of every result is that ID top-1). No accuracy is ever computed on OOD images."""
+
+    metric_names = ("auroc", "fpr95", "id_top1")
+    headline = "id_top1"
+    summary = "fit on the ID dataset; AUROC and FPR95 of its test split against each OOD set, and ID top-1"
+    title = "OOD detection"
+    metric_info = (
+        MetricInfo("auroc", "AUROC", help="AUROC and FPR95 (%): the ID test images as positives against each OOD "
+                                          "set (MCM); FPR95 at the threshold whose ID TPR is nearest 95%."),
+        MetricInfo("fpr95", "FPR95", higher_is_better=False),
+        MetricInfo("id_top1", "ID top-1", help="ID top-1: the accuracy on the ID test split, the same in each row "
+                                               "of one method."),
+    )
+    table = TableShape(columns="metrics", average="targets")
+    source_result = True  # a result per OOD set, stored under ood-from-<ID dataset>
+    paper_sources = ("imagenet",)
+
+    def __init__(self, targets: tuple[str, ...] = OOD_TARGETS, score: str = "mcm"):
+        super().__init__(targets)
+        if score not in OOD_SCORES:
+            raise ValueError(f"unknown OOD score {score!r}; known: {', '.join(OOD_SCORES)}")
+        self.score = score
+
+    def settings(self) -> dict[str, str]:
+        return {"score": self.score}
+
+    def episode(self, source, draw, targets):
+        classes = class_set(source)
+        id_set = whole_test(source, classes, "id_top1")  # the same set in every result: scored once per run
+        for name, data in targets.items():
+            if data.image_root == source.image_root:  # ood_textures reads dtd's own image folder
+                raise DataError(f"{name} reads the same images as the in-distribution dataset {source.name} "
+                                f"({data.image_root}); leave it out of [study] ood_targets")
+        results = (Target(source.name, (id_set,)),) + tuple(
+            Target(name, (id_set, unlabelled_test(data, classes, "ood"))) for name, data in targets.items())
+        return fit_all(source, draw, results, classes)
+
+    def logit_metrics(self, sets, cosine_scale=None):
+        from fsbench.ood import detection_metrics
+
+        if "id_top1" not in sets or "ood" not in sets:  # a set could not be scored: no detection metrics
+            return {}
+        return detection_metrics(sets["id_top1"][0], sets["ood"][0], self.score, cosine_scale)
+
+    @classmethod
+    def off_paper(cls, source: str, shots: int) -> str:
+        if source in cls.paper_sources:
+            return ""
+        return "the MOS OOD sets were curated against ImageNet-1k's classes (Huang & Li, CVPR 2021)"
+
+
 def make_protocol(name: str, cross_targets: list[str] | tuple[str, ...] = CROSS_TARGETS,
-                  dg_targets: list[str] | tuple[str, ...] = DG_TARGETS) -> Protocol:
+                  dg_targets: list[str] | tuple[str, ...] = DG_TARGETS,
+                  ood_targets: list[str] | tuple[str, ...] = OOD_TARGETS, ood_score: str = "mcm") -> Protocol:
     """The protocol `name` with the study's target lists (did-you-mean on an unknown name)."""
     cls = PROTOCOLS.get(name)
     if cls is CrossDataset:
         return cls(tuple(cross_targets))
     if cls is DomainGeneralisation:
         return cls(tuple(dg_targets))
+    if cls is OodDetection:
+        return cls(tuple(ood_targets), ood_score)
     return cls()

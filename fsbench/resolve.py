@@ -115,7 +115,8 @@ class Resolver:
 
     def protocol(self, spec: RunSpec) -> Protocol:
         study = self.cfg.study
-        protocol = make_protocol(spec.protocol, study.cross_targets, study.dg_targets)
+        protocol = make_protocol(spec.protocol, study.cross_targets, study.dg_targets, study.ood_targets,
+                                 study.ood_score)
         _check_targets(protocol.name, DATASETS.canonical(spec.dataset), study)
         return protocol
 
@@ -166,7 +167,8 @@ class Resolver:
         drawn = split.items(source, "train") + split.items(source, "val")
         sampler = {} if split.sampler == "fsbench" else {"sampler": sampler_tag(split.sampler)}
         return {**sampler,
-            "protocol": f"{protocol.name}/v{protocol.version}/sampling-v{PROTOCOL_VERSION}",
+            "protocol": f"{protocol.name}/v{protocol.version}/sampling-v{PROTOCOL_VERSION}"
+                        + "".join(f"/{k}={v}" for k, v in sorted(protocol.settings().items())),
             "method": identity.method_identity(cls, dataclasses.asdict(config)),
             "weights": identity.weights_identity(spec.backbone, spec.pretrained, spec.checkpoint),
             "classes": identity.digest([episode.classes.names, episode.classes.templates,
@@ -291,7 +293,7 @@ class Resolver:
 
 
 
-TARGET_LISTS = {"cross_dataset": "cross_targets", "domain_generalisation": "dg_targets"}
+TARGET_LISTS = {"cross_dataset": "cross_targets", "domain_generalisation": "dg_targets", "ood": "ood_targets"}
 
 
 def _check_targets(protocol: str, source: str, study: Any) -> None:

@@ -140,6 +140,9 @@ class CoOp(Method):
         """Scores of (N, D) L2-normalised frozen image features (the runner's cached test features)."""
         return self.config.logit_scale * x.float() @ self.text.T
 
+    def cosine_scale(self) -> float | None:
+        return self.config.logit_scale if type(self).logits is CoOp.logits else None  # features and text normalised
+
     def trainable_params(self) -> int:
         return self.context.numel()
 

@@ -231,5 +231,8 @@ class CLIPLoRA(Method):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits(x, self.text)
 
+    def cosine_scale(self) -> float | None:
+        return self.config.logit_scale if type(self).logits is CLIPLoRA.logits else None  # `_logits`: both normalised
+
     def trainable_params(self) -> int:
         return count_trainable(*self.layers)

@@ -28,3 +28,6 @@ class ZeroShot(Method):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return 100.0 * x.float() @ self.weights.T
+
+    def cosine_scale(self) -> float | None:
+        return 100.0 if type(self).logits is ZeroShot.logits else None  # a subclass with its own head: None

@@ -190,3 +190,37 @@ def make_dg_target(root: Path, name: str, classes: list[str], per_class: int = 2
     if classnames is not None:
         write_imagenet_classnames(root / folder / "classnames.txt", classnames)
     return images
+
+
+# --- the OOD sets of the `ood` protocol (MCM README, "Out-of-Distribution Datasets"; MOS's tarballs) --------
+
+# name -> (folder under the data root, class folders): MOS's three hold one folder images/ of hashed jpg names
+OOD_LAYOUTS = {
+    "ood_inaturalist": ("ImageNet_OOD_dataset/iNaturalist", ("images",)),
+    "ood_sun": ("ImageNet_OOD_dataset/SUN", ("images",)),
+    "ood_places": ("ImageNet_OOD_dataset/Places", ("images",)),
+    "ood_textures": ("ImageNet_OOD_dataset/dtd/images", ("banded", "waffled", "zigzagged")),
+}
+
+
+def make_ood_set(root: Path, name: str, per_class: int = 3, folder: str | None = None) -> Path:
+    """Write one OOD set in MCM's layout under `root` (or under `folder` instead of MCM's); returns its
+    ImageFolder root. Images are tiny solid colours, unlike the synthetic dataset's shapes; iNaturalist, SUN and
+    Places get 32-hex file names as MOS's tarballs, Textures DTD's `<texture>_<nnnn>.jpg`."""
+    default, classes = OOD_LAYOUTS[name]
+    base = root / (folder or default)
+    shift = list(OOD_LAYOUTS).index(name)  # each set its own mix of colours
+    for label, cls in enumerate(classes):
+        for k in range(per_class):
+            stem = f"{cls}_{k:04d}" if len(classes) > 1 else f"{name}{k}".encode().hex()[:32].ljust(32, "0")
+            write_image(base / cls / f"{stem}.jpg", label + k * (shift + 1))
+    if len(classes) > 1:  # DTD's waffled/ holds a KDE .directory file beside its images
+        (base / "waffled" / ".directory").write_text("[Dolphin]\n", encoding="utf-8")
+    return base
+
+
+def make_ood_sets(root: Path, per_class: int = 3) -> list[str]:
+    """All four OOD sets in MCM's layout under `root`; returns their names."""
+    for name in OOD_LAYOUTS:
+        make_ood_set(root, name, per_class)
+    return list(OOD_LAYOUTS)

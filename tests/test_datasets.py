@@ -250,5 +250,6 @@ def test_unknown_dataset_suggests_a_name(tmp_path: Path) -> None:
 def test_every_registered_reader_is_covered() -> None:
     covered = set(COOP_NAMES) | {"fgvc_aircraft", "imagenet", "imagefolder", "synthetic", "imagenet_v2",
                "imagenet_sketch", "imagenet_a", "imagenet_r"}  # the last four: tests/test_dg_datasets.py
+    covered |= {"ood_inaturalist", "ood_sun", "ood_places", "ood_textures"}  # tests/test_ood.py
     aliases = {"flowers102", "pets", "cars", "aircraft", "fgvc"}
     assert set(DATASETS.names()) == covered | aliases

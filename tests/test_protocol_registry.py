@@ -26,6 +26,7 @@ from datagen import (
     make_dg_target,
     make_imagefolder,
     make_imagenet,
+    make_ood_set,
 )
 
 from fsbench.cli import main
@@ -55,7 +56,7 @@ def _paths(data: DatasetSplits, split: str, positions) -> list[str]:
 @pytest.mark.parametrize("name", PROTOCOLS.names())
 def test_episode_positions_are_disjoint_and_labelled(name, synthetic, tmp_path):
     make_coop_dataset(tmp_path, "dtd")  # a target for the protocols that evaluate on other datasets
-    protocol = make_protocol(name, cross_targets=("dtd",), dg_targets=("dtd",))
+    protocol = make_protocol(name, cross_targets=("dtd",), dg_targets=("dtd",), ood_targets=("dtd",))
     targets = {t: load_dataset(t, tmp_path) for t in protocol.targets(synthetic.name)}
     ep = protocol.episode(synthetic, draw_split(synthetic, 2, 1), targets)
     train, val = _paths(synthetic, ep.train_split, ep.train), _paths(synthetic, ep.val_split, ep.val)
@@ -70,6 +71,9 @@ def test_episode_positions_are_disjoint_and_labelled(name, synthetic, tmp_path):
         for ev in target.evals:
             test = _paths(data[ev.dataset], "test", ev.positions)
             assert test and not set(test) & (set(train) | set(val)), (target.dataset, ev.metric)
+            if not ev.labelled:  # OOD images: no label among the classes they are scored over
+                assert not ev.targets
+                continue
             assert [ev.classes.labels[t] for t in ev.targets] == [data[ev.dataset].test[i].label for i in ev.positions]
 
 
@@ -95,6 +99,8 @@ GENERATORS = {
     "imagenet_sketch": _dg("imagenet_sketch", WNIDS),
     "imagenet_a": _dg("imagenet_a", WNIDS[1:4]),
     "imagenet_r": _dg("imagenet_r", WNIDS[2:5]),
+    **{name: (lambda root, n=name: make_ood_set(root, n)) for name in
+       ("ood_inaturalist", "ood_sun", "ood_places", "ood_textures")},
 }
 
 

@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbench.data import DATASETS, DatasetSplits, aircraft, coop, imagenet, imagenet_variants, load_dataset, synthetic
+from fsbench.data import (
+    DATASETS,
+    DatasetSplits,
+    aircraft,
+    coop,
+    imagenet,
+    imagenet_variants,
+    load_dataset,
+    ood_sets,
+    synthetic,
+)
 from fsbench.dataprep.sources import SOURCES
 from fsbench.errors import DataError
 from fsbench.splits import validate_lists, validate_source
@@ -64,6 +74,9 @@ def find_layout(name: str, root: Path) -> str:
     if name in imagenet_variants.VARIANTS:  # test-only domain-generalisation targets
         v = imagenet_variants.VARIANTS[name]
         return next((f"{v.folder}/{d}/ (CoOp)" for d in v.image_dirs if (root / v.folder / d).is_dir()), "-")
+    if name in ood_sets.OOD_SETS:  # test-only OOD sets of the `ood` protocol
+        s = ood_sets.OOD_SETS[name]
+        return next((f"{r}/ ({who})" for r, who in zip(s.roots, s.who, strict=True) if (root / r).is_dir()), "-")
     spec = next((s for s in (*coop.LAYOUTS, synthetic.LAYOUT) if s.name == name), None)
     if spec is None:
         return "-"

@@ -26,6 +26,11 @@ Sources, per column:
   Counts: V2 10,000; Sketch 50,889; A 7,500; R 30,000, the sizes reported for the released
   archives (not recounted here). Each also fetches CoOp's classnames.txt into its folder, where
   CoOp's readers look for it.
+- The OOD sets of the `ood` protocol (test only): MOS's iNaturalist / SUN / Places subsets at the
+  URLs of deeplearning-wisc/large_scale_ood's README (lines 38-42; no checksum published), extracted
+  into MCM's `ImageNet_OOD_dataset/` (each tar holds `<Name>/images/`); Textures is DTD's own
+  archive (the `dtd` row's), read from `dtd/images/`. Counts: 10,000 each and DTD's 5,640 (MOS's
+  README lines 36-45).
 """
 
 from __future__ import annotations
@@ -104,6 +109,18 @@ def _imagenet_classnames(folder: str) -> Download:
 
 VGG = "https://www.robots.ox.ac.uk/~vgg/data"
 HENDRYCKS = "https://people.eecs.berkeley.edu/~hendrycks"
+MOS = "http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset"
+DTD_ARCHIVE = Download("dtd-r1.0.1.tar.gz", url=f"{VGG}/dtd/download/dtd-r1.0.1.tar.gz",
+                       md5="fff73e5086ae6bdbea199a49dfb8a4c1", extract=True)
+
+
+def _mos(name: str, folder: str) -> DatasetSource:
+    """One of MOS's 10,000-image OOD subsets, extracted where MCM reads it."""
+    return DatasetSource(
+        name, (Download(f"{folder}.tar.gz", url=f"{MOS}/{folder}.tar.gz", save_to="ImageNet_OOD_dataset",
+                        extract=True),),
+        expected=(0, 0, 10_000), classes=1,
+    )
 
 SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
     DatasetSource(
@@ -174,9 +191,7 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
     ),
     DatasetSource(
         "dtd",
-        (Download("dtd-r1.0.1.tar.gz", url=f"{VGG}/dtd/download/dtd-r1.0.1.tar.gz",
-                  md5="fff73e5086ae6bdbea199a49dfb8a4c1", extract=True),
-         _split("DescribableTextures", "dtd", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x")),
+        (DTD_ARCHIVE, _split("DescribableTextures", "dtd", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x")),
         expected=(2_820, 1_128, 1_692), classes=47,
     ),
     DatasetSource(
@@ -228,4 +243,8 @@ SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
          _imagenet_classnames("imagenet-rendition")),
         expected=(0, 0, 30_000), classes=200,
     ),
+    _mos("ood_inaturalist", "iNaturalist"),
+    _mos("ood_sun", "SUN"),
+    _mos("ood_places", "Places"),
+    DatasetSource("ood_textures", (DTD_ARCHIVE,), expected=(0, 0, 5_640), classes=47),
 )}

@@ -42,9 +42,10 @@ from fsbench.results import Result, slug
 # CoCoOp's Tables 1-3 column order; datasets not listed follow, sorted
 COCOOP_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenet_v2", "imagenet_sketch",
-                "imagenet_a", "imagenet_r"]
+                "imagenet_a", "imagenet_r", "ood_inaturalist", "ood_sun", "ood_places", "ood_textures"]  # + MCM's
 DG_LABELS = {"imagenet_v2": "ImageNet-V2", "imagenet_sketch": "ImageNet-Sketch", "imagenet_a": "ImageNet-A",
-             "imagenet_r": "ImageNet-R"}
+             "imagenet_r": "ImageNet-R", "ood_inaturalist": "iNaturalist", "ood_sun": "SUN",
+             "ood_places": "Places", "ood_textures": "Textures"}
 NA, DAGGER, DDAGGER, MISSING = "n/a", "†", "‡", "–"
 LONG_COLUMNS = ["backbone", "shots", "method", "source", "dataset", "seed", "metric", "value", "reason"]
 SUMMARY_COLUMNS = ["backbone", "shots", "method", "source", "dataset", "metric", "mean", "std", "n", "na",
@@ -350,7 +351,7 @@ def metrics_grid(summary: pd.DataFrame, view: ProtocolView, backbone: str, shots
     first or last as the shape says, datasets in CoCoOp's order."""
     block = summary[(summary["backbone"] == backbone) & (summary["shots"] == shots) & (summary["source"] == source)]
     cells, methods, names = _lookup(block), order_methods(block["method"]), [m.name for m in view.metrics]
-    datasets = order_cocoop(block["dataset"])
+    datasets = sorted(order_cocoop(block["dataset"]), key=lambda d: d != source)  # the source first (ood: the ID)
     has_avg = (block["dataset"] == AVERAGE).any()
     datasets = ([AVERAGE] + datasets if view.table.average_first else datasets + [AVERAGE]) if has_avg else datasets
     rows, rules = [], []
