@@ -208,20 +208,27 @@ class Executor:
             with torch.no_grad():
                 feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
                                             encode=encode, progress=self._progress("encode test"))
-            if mode == "transductive":
-                return score(feats.x.to(self.device)).detach().float().cpu(), feats.y
+            if mode == "transductive":  # per batch `transductive_encode`, then the whole set at once
+                rows = [method.transductive_encode(feats.x[i:i + bs].to(self.device))
+                        for i in range(0, len(feats.y), bs)]
+                return score(_cat(rows)).detach().float().cpu(), feats.y
             chunks = [score(feats.x[i:i + bs].to(self.device)).detach().float().cpu()
                       for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
-        bs = len(items) if mode == "transductive" else bs
         loader = image_loader(items, data.image_root, backbone.preprocess, max(1, bs), self.device,
                               workers=self.workers)
         chunks, labels = [], []
         for images, y in self.track(loader, len(loader), "evaluate"):
             with autocast(self.device):
-                chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
+                if mode == "transductive":  # per batch `transductive_encode`, then the whole set at once
+                    chunks.append(method.transductive_encode(images.to(self.device, non_blocking=True)).detach())
+                else:
+                    chunks.append(score(images.to(self.device, non_blocking=True)).detach().float().cpu())
             labels.append(y)
+        if mode == "transductive" and chunks:
+            with autocast(self.device):
+                chunks = [score(_cat(chunks)).detach().float().cpu()]
         return _cat(chunks), _cat(labels)
 
     # ---- failures ----------------------------------------------------------------------------------
