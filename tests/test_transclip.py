@@ -118,3 +118,154 @@ def test_probability_logits_keep_argmax_and_softmax():
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits.softmax(-1), p)
     assert TransductiveInputs(p, p).source is None
+
+
+# ---- the composition through the runner -------------------------------------------------------------
+
+
+def _fit(runner, tiny, synthetic, name: str, sets: dict | None = None):
+    """A method fitted as the executor fits it, and the test split's cached frozen features."""
+    from fsbench.config import method_config
+    from fsbench.method import Context, FeatureSource
+
+    cls = METHODS.get(name)
+    config = method_config(cls, sets or {})
+    split = runner.planner.splits.get(synthetic, 1, 1)
+    train, val = runner.executor.fewshot(cls, tiny, synthetic, split)
+    ctx = Context(tiny, synthetic, torch.device("cpu"), 1, 1, features=FeatureSource(runner.executor.features, tiny,
+                                                                                       synthetic))
+    method = cls(config, ctx)
+    method.fit(train, val)
+    test = runner.executor.features.split(tiny, synthetic, "test")
+    return method, test
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, make_runner):
+    return make_runner(tmp_path_factory.mktemp("transclip"))
+
+
+@pytest.mark.parametrize("name, sets", [("linear_probe+transclip", {"linear_probe": {"max_iter": 20}}),
+                                        ("lora+transclip", {"lora": {"iters_per_shot": 2}})])
+def test_composed_transductive_logits_are_the_step_on_the_base_predictions(name, sets, runner, tiny, synthetic):
+    """Under `transductive`, X+transclip = TransCLIP's EM on the frozen test features with softmax(X's logits)
+    as the prior; elsewhere it scores as X; `fresh()` copies the step only, and a set scored after another
+    gives what it gives alone."""
+    method, test = _fit(runner, tiny, synthetic, name, sets)
+    base_logits, _ = runner.executor.test_logits(method.base, tiny, synthetic)
+    inductive, _ = runner.executor.test_logits(method, tiny, synthetic)
+    torch.testing.assert_close(inductive, base_logits)
+    copy = method.fresh()
+    assert copy.base is method.base and copy.step is not method.step
+    transductive, labels = runner.executor.test_logits(copy, tiny, synthetic, mode="transductive")
+    assert torch.equal(labels, test.y)
+    expected = transclip_em(test.x, base_logits.softmax(-1), method.step.config)
+    torch.testing.assert_close(transductive.softmax(-1), expected, rtol=1e-4, atol=1e-5)
+    half = tuple(range(0, len(test.y), 2))
+    runner.executor.test_logits(method.fresh(), tiny, synthetic, half, mode="transductive")
+    again, _ = runner.executor.test_logits(method.fresh(), tiny, synthetic, mode="transductive")
+    assert torch.equal(again, transductive)
+
+
+def test_transclip_alone_scores_zero_shot_without_unlabelled_data(runner, tiny, synthetic):
+    transclip, test = _fit(runner, tiny, synthetic, "transclip")
+    zero_shot, _ = _fit(runner, tiny, synthetic, "zero_shot")
+    torch.testing.assert_close(transclip.logits(test.x), zero_shot.logits(test.x))
+    assert transclip.config.kl_weight == 1.0  # resolved (zero-shot), recorded in the result
+    z = transclip.transductive_logits(test.x).softmax(-1)
+    torch.testing.assert_close(z, transclip_em(test.x, zero_shot.logits(test.x).softmax(-1), transclip.config))
+
+
+def test_transclip_fs_uses_the_shots_of_an_image_method(runner, tiny, synthetic):
+    """`transclip.shots_in_em`: the shots' frozen features join the EM, encoded through the feature cache even
+    when the base method trains on images."""
+    method, test = _fit(runner, tiny, synthetic, "lora+transclip",
+                        {"lora": {"iters_per_shot": 2}, "transclip": {"shots_in_em": True}})
+    assert method.step.shots is not None and method.step.config.kl_weight == 0.5
+    split = runner.planner.splits.get(synthetic, 1, 1)
+    train, _ = runner.executor.fewshot(METHODS.get("linear_probe"), tiny, synthetic, split)
+    torch.testing.assert_close(method.step.shots.features, train.features.float())
+
+
+def test_composed_config_identity_and_user_sections(tmp_path, make_runner):
+    """Each part's config comes from its own section; the identity changes with either part's config."""
+    from fsbench.spec import RunSpec
+
+    spec = RunSpec("linear_probe+transclip", "test-tiny", "synthetic", 1, 1, protocol="transductive")
+    plain = make_runner(tmp_path / "a").planner.prepare(spec)
+    tuned = make_runner(tmp_path / "b", ["transclip.neighbors=5", "linear_probe.max_iter=7"]).planner.prepare(spec)
+    assert tuned.config.transclip.neighbors == 5 and tuned.config.linear_probe.max_iter == 7
+    assert plain.identities["synthetic"]["method"] != tuned.identities["synthetic"]["method"]
+    with pytest.raises(ConfigError, match=r"set its parts in \[methods.linear_probe\] and \[methods.transclip\]"):
+        make_runner(tmp_path / "c", ["linear_probe+transclip.neighbors=5"])
+
+
+# ---- the paired gain in the report ------------------------------------------------------------------
+
+
+def _record(method, seed, top1, protocol="fewshot", dataset="dtd", transductive=False):
+    return {"method": method, "backbone": "ViT-B/16", "dataset": dataset, "shots": 4, "seed": seed, "top1": top1,
+            "status": "ok", "protocol": protocol,
+            "extra": {"unlabelled_test_data": "transductive"} if transductive else {}}
+
+
+def test_gain_pairs_by_seed_and_prefers_the_same_protocol():
+    import pandas as pd
+
+    from fsbench.report.gain import gain_csvs, gain_latex, gain_markdown, gain_table, paired_gains
+
+    rows = [_record("lora", s, t) for s, t in ((1, 70.0), (2, 72.0), (3, 71.0))]
+    rows += [_record("lora", 1, 69.0, "transductive")]  # seed 1 also ran under transductive: preferred
+    rows += [_record("lora+transclip", s, t, "transductive", transductive=True)
+             for s, t in ((1, 74.0), (2, 73.0), (3, 75.0))]
+    rows += [_record("lora+transclip", 4, 80.0, "transductive", transductive=True)]  # no lora seed 4: unpaired
+    rows += [_record("lora+transclip", 1, 70.0)]  # under fewshot it is lora alone: not a gain
+    rows += [_record("transclip", 1, 60.0, "transductive", transductive=True)]  # no base: not paired
+    rows += [_record("coop+transclip", 1, 60.0, "transductive", dataset="eurosat", transductive=True),
+             _record("coop", 1, 58.5, dataset="eurosat")]
+    df = pd.DataFrame(rows)
+    pairs = paired_gains(df)
+    lora = pairs[pairs["method"] == "lora+transclip"].sort_values("seed")
+    assert lora["gain"].tolist() == [5.0, 1.0, 4.0]
+    assert lora["base_protocol"].tolist() == ["transductive", "fewshot", "fewshot"]
+    table = gain_table(df).set_index(["method", "dataset"])
+    row = table.loc[("lora+transclip", "dtd")]
+    assert row["n"] == 3 and row["gain_mean"] == pytest.approx(10 / 3)
+    assert row["gain_std"] == pytest.approx(pd.Series([5.0, 1.0, 4.0]).std(ddof=1))
+    one = table.loc[("coop+transclip", "eurosat")]
+    assert one["n"] == 1 and one["gain_mean"] == pytest.approx(1.5) and one["gain_std"] != one["gain_std"]  # NaN
+    md = gain_markdown(df)
+    assert "CLIP-LoRA + TransCLIP | DTD | +3.33 ± 2.08 (3) | fewshot, transductive |" in md
+    assert "CoOp + TransCLIP | EuroSAT | +1.50 (1)" in md
+    assert r"+3.33 $\pm$ 2.08 (3)" in gain_latex(df)
+    assert set(gain_csvs(df)) == {"transductive_gain.csv", "transductive_pairs.csv"}
+    assert gain_markdown(df[df["method"] != "lora+transclip"].iloc[:3]) == ""
+
+
+def test_sweep_end_to_end_reports_the_paired_gain(tmp_path, synthetic_root, monkeypatch):
+    """`fsbench sweep --protocols transductive,fewshot` with X, X+transclip and transclip, then the report."""
+    import pandas as pd
+
+    from fsbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--protocols", "transductive,fewshot", "--methods",
+                 "linear_probe,linear_probe+transclip,transclip", "--backbones", "test-tiny", "--datasets",
+                 "synthetic", "--shots", "1", "--seeds", "1,2", "--data-root", str(synthetic_root), "--results",
+                 str(tmp_path / "results"), "--device", "cpu", "--set", "linear_probe.max_iter=20", "--set",
+                 f"runtime.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    assert main(["report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report"),
+                 "--format", "md,csv,tex"]) == 0
+    pairs = pd.read_csv(tmp_path / "report" / "transductive_pairs.csv")
+    assert sorted(pairs["seed"]) == [1, 2] and set(pairs["base_protocol"]) == {"transductive"}
+    from fsbench.results import load_results
+
+    df = load_results(tmp_path / "results")
+    for seed in (1, 2):
+        both = df[(df["seed"] == seed) & (df["protocol"] == "transductive")].set_index("method")["top1"]
+        gain = pairs[pairs["seed"] == seed]["gain"].item()
+        assert gain == pytest.approx(both["linear_probe+transclip"] - both["linear_probe"], abs=1e-3)
+    composed = df[(df["method"] == "linear_probe+transclip") & (df["protocol"] == "transductive")].iloc[0]
+    assert set(composed["config"]) == {"linear_probe", "transclip"}
+    assert "## Transductive gain" in (tmp_path / "report" / "report.md").read_text()
