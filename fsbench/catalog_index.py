@@ -90,6 +90,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'tcp',
                     'tip_adapter',
                     'tip_adapter_f',
+                    'transclip',
                     'two_stage',
                     'zero_shot'],
  'methods': {'clap': {'input': 'features',
@@ -231,6 +232,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                                'summary': 'Tip-Adapter-F: cache keys fine-tuned (AdamW, 20 epochs), selection on '
                                           'the few-shot val set',
                                'unseen': False},
+             'transclip': {'input': 'features',
+                           'paper': 'Zanella, Gérin & Ben Ayed, Boosting Vision-Language Models with Transduction, '
+                                    'NeurIPS 2024 (arXiv 2406.01837)',
+                           'summary': 'transductive EM on the whole unlabelled test set, zero-shot prior '
+                                      '(+transclip on any method)',
+                           'unseen': True},
              'two_stage': {'input': 'images',
                            'paper': 'Farina et al., Rethinking Few-Shot Adaptation of Vision-Language Models in '
                                     'Two Stages, CVPR 2025',
@@ -411,4 +418,5 @@ INDEX = {'backbone_names': ['ViT-B/16',
                'transductive': {'metrics': ['top1'],
                                 'summary': 'the whole unlabelled test split at once (not comparable with inductive '
                                            'few-shot)',
-                                'version': 1}}}
+                                'version': 1}},
+ 'transductive_steps': ['transclip']}

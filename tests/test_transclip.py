@@ -269,3 +269,29 @@ def test_sweep_end_to_end_reports_the_paired_gain(tmp_path, synthetic_root, monk
     composed = df[(df["method"] == "linear_probe+transclip") & (df["protocol"] == "transductive")].iloc[0]
     assert set(composed["config"]) == {"linear_probe", "transclip"}
     assert "## Transductive gain" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_ls_methods_says_any_method_takes_the_step(capsys):
+    from fsbench.catalog import check_names
+    from fsbench.cli import main
+
+    assert main(["ls", "methods"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "transclip" in out and "METHOD+transclip" in out
+    check_names(methods=["lora+transclip"])  # known from the static index
+    with pytest.raises(UnknownNameError, match="did you mean 'lora\\+transclip'"):
+        check_names(methods=["lora+transclipp"])
+
+
+@pytest.mark.parametrize("family", ["test-tiny-siglip", "test-tiny-siglip2", "test-tiny-eva", "test-tiny-convnext",
+                                    "test-tiny-metaclip2"])
+def test_transclip_runs_on_every_backbone_family(family, runner, synthetic):
+    """TransCLIP reads only frozen image features and the zero-shot text classifier: every family applies."""
+    from fsbench.backbones import BackboneSpec, build_backbone, describe
+
+    assert METHODS.get("transclip").supports(describe(family)) is None
+    bb = build_backbone(BackboneSpec(family))
+    for name in ("transclip", "linear_probe+transclip"):
+        method, test = _fit(runner, bb, synthetic, name, {"linear_probe": {"max_iter": 5}} if "+" in name else {})
+        logits, _ = runner.executor.test_logits(method.fresh(), bb, synthetic, mode="transductive")
+        assert logits.shape == (len(synthetic.test), len(synthetic.classnames)) and torch.isfinite(logits).all()
