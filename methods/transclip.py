@@ -30,7 +30,9 @@ Deviations (docs/methods.md): the number of classes is the class set's, not the 
 (TransCLIP.py:42 reads the test labels); fewer than 8 test images per class start from all of them; when the
 prior is another method's predictions the official code passes them as one tensor that `update_z` then
 overwrites with z (TransCLIP_utils.py:127-128 and :23): fsbench keeps the prior fixed, as the paper's KL term
-reads, and `prior_follows_z = true` reproduces the official behaviour.
+reads, and `prior_follows_z = true` reproduces the official behaviour. Kept as the official code does it:
+TransCLIP-FS's graph rows are offset by the number of shots (see `update_z`; `aligned_shot_graph = true`
+aligns them).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class TransCLIPConfig:
     shots_in_em: bool = False  # TransCLIP-FS: the labelled shots join the EM, gamma picked on val (main.py:94)
     gammas: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.02, 0.2])  # shot weights (utils:174)
     prior_follows_z: bool = False  # true: the official code's prior overwritten by z (see the deviations)
+    aligned_shot_graph: bool = False  # TransCLIP-FS: true = W's rows in z's order (the official offsets them)
 
     def __post_init__(self) -> None:
         s = "transclip"
@@ -86,10 +89,11 @@ class Shots:
     val_labels: torch.Tensor
 
 
-def knn_affinity(query: torch.Tensor, support: torch.Tensor | None, k: int) -> torch.Tensor:
+def knn_affinity(query: torch.Tensor, support: torch.Tensor | None, k: int, support_first: bool = True
+                 ) -> torch.Tensor:
     """Sparse W ((S +) N, N): each row's k nearest test samples after its first (itself for a test row), with
-    their cosine similarity; support rows first (TransCLIP_utils.py:234-254)."""
-    rows = query if support is None else torch.cat([support, query])
+    their cosine similarity; support rows first (TransCLIP_utils.py:234-254), or last (`support_first` false)."""
+    rows = query if support is None else torch.cat([support, query] if support_first else [query, support])
     k = min(k, len(query) - 1)
     blocks = max(1, CHUNK_ELEMENTS // max(1, len(query)))
     index, values = [], []
@@ -122,8 +126,9 @@ def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
 def update_z(loglik: torch.Tensor, prior: torch.Tensor, z: torch.Tensor, W: torch.Tensor, cfg: TransCLIPConfig,
              lam: float, shots: torch.Tensor | None, follow: bool = False) -> torch.Tensor:
     """The z step (TransCLIP_utils.py:6-25), `z_iterations` times; returns the new (N, K) z. With `shots` (S, K)
-    one-hot, z is extended by the shots' rows after the test rows, as the official code does (:9-10), while W
-    puts the support rows first (:240): the official pairing, kept. `follow`: the prior is z itself (the
+    one-hot, z is extended by the shots' rows after the test rows, as the official code does (:9-10), while its
+    W puts the support rows first (:240), so every row of the Laplacian term is offset by S: kept by default
+    (`aligned_shot_graph` puts W's shot rows last). `follow`: the prior is z itself (the
     official code's aliasing of predictions passed as the prior, :127-128)."""
     n = len(loglik)
     full = z.clone() if shots is None else torch.cat([z, shots])
@@ -203,7 +208,7 @@ def transclip_em(query: torch.Tensor, prior: torch.Tensor, cfg: TransCLIPConfig,
     else:  # the (normalised) sum of each class's shots (TransCLIP_utils.py:133-139)
         mu = F.normalize(onehot.T @ support, dim=-1)
     var = torch.full((query.shape[1],), 1 / query.shape[1], dtype=query.dtype, device=query.device)
-    W = knn_affinity(query, support, cfg.neighbors)
+    W = knn_affinity(query, support, cfg.neighbors, support_first=not cfg.aligned_shot_graph)
     if trace is not None:
         trace.update(W=[W.to_dense()], mu0=[mu], var0=[var], z=[], mu=[], var=[])
     z, best, best_z = prior.clone(), -1.0, prior

@@ -295,3 +295,24 @@ def test_transclip_runs_on_every_backbone_family(family, runner, synthetic):
         method, test = _fit(runner, bb, synthetic, name, {"linear_probe": {"max_iter": 5}} if "+" in name else {})
         logits, _ = runner.executor.test_logits(method.fresh(), bb, synthetic, mode="transductive")
         assert logits.shape == (len(synthetic.test), len(synthetic.classnames)) and torch.isfinite(logits).all()
+
+
+def test_aligned_shot_graph_gives_each_test_image_its_own_neighbourhood(official):
+    """`aligned_shot_graph`: one z update equals the paper's, written densely: test image i gets
+    sum_j W_ij z_j over its own neighbours plus what points at it, from test images and from the shots."""
+    from fsbench.methods.transclip import gaussian_log_likelihood, update_z
+
+    q, s = official["input.query"], official["input.support"]
+    shots = F.one_hot(official["input.support_labels"], 4).float()
+    prior = F.softmax(100 * q @ official["input.text"].T, dim=1)
+    cfg = TransCLIPConfig(z_iterations=1, aligned_shot_graph=True)
+    W = knn_affinity(q, s, cfg.neighbors, support_first=False)
+    mu = F.normalize(shots.T @ s, dim=-1)
+    loglik = gaussian_log_likelihood(q, mu, torch.full((16,), 1 / 16))
+    z = update_z(loglik, prior, prior, W, cfg, 0.5, shots)
+    dense = W.to_dense()  # rows: the 300 test images, then the 8 shots
+    full = torch.cat([prior, shots])
+    pair = dense[:300] @ prior + dense.T @ full
+    x = loglik + 50 / 6 * pair
+    expected = prior ** 0.5 * torch.exp((x - x.max(1, keepdim=True).values) / 50)
+    torch.testing.assert_close(z, expected / expected.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
