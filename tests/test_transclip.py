@@ -316,3 +316,18 @@ def test_aligned_shot_graph_gives_each_test_image_its_own_neighbourhood(official
     x = loglik + 50 / 6 * pair
     expected = prior ** 0.5 * torch.exp((x - x.max(1, keepdim=True).values) / 50)
     torch.testing.assert_close(z, expected / expected.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_composed_save_and_reload(runner, tiny, synthetic, tmp_path):
+    """`--save-adapter` keeps the base's tensors and both configs; the reloaded composition scores the same,
+    inductively and transductively."""
+    from fsbench.adapters import load_adapter, save_adapter
+    from fsbench.spec import RunSpec
+
+    method, test = _fit(runner, tiny, synthetic, "linear_probe+transclip", {"linear_probe": {"max_iter": 20}})
+    spec = RunSpec(method.name, "test-tiny", synthetic.name, 1, 1)
+    reloaded = load_adapter(save_adapter(method, tmp_path, spec), method.ctx)
+    assert type(reloaded) is type(method) and reloaded.config == method.config
+    assert torch.equal(reloaded.logits(test.x), method.logits(test.x))
+    encoded = method.transductive_encode(test.x)
+    assert torch.equal(reloaded.fresh().transductive_logits(encoded), method.fresh().transductive_logits(encoded))
