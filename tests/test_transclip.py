@@ -146,7 +146,8 @@ def runner(tmp_path_factory, make_runner):
 
 
 @pytest.mark.parametrize("name, sets", [("linear_probe+transclip", {"linear_probe": {"max_iter": 20}}),
-                                        ("lora+transclip", {"lora": {"iters_per_shot": 2}})])
+                                        ("lora+transclip", {"lora": {"iters_per_shot": 2}}),
+                                        ("dept_coop+transclip", {"dept_coop": {"epochs": 1}})])
 def test_composed_transductive_logits_are_the_step_on_the_base_predictions(name, sets, runner, tiny, synthetic):
     """Under `transductive`, X+transclip = TransCLIP's EM on the frozen test features with softmax(X's logits)
     as the prior; elsewhere it scores as X; `fresh()` copies the step only, and a set scored after another
