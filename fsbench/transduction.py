@@ -82,8 +82,6 @@ def steps() -> list[str]:
 def composed_method(name: str) -> type[Method]:
     """The class of `METHOD+STEP`, built once per name; did-you-mean on a wrong part."""
     key = name.lower()
-    if key in _COMPOSED:
-        return _COMPOSED[key]
     parts = key.split(SEP)
     if len(parts) != 2 or not all(p.strip() for p in parts):
         raise UnknownNameError(f"unknown method {name!r}: a method with a transductive step is METHOD{SEP}STEP, "
@@ -101,7 +99,12 @@ def composed_method(name: str) -> type[Method]:
     if base.test_time != "none":
         raise ConfigError(f"{name!r}: {base.name} already uses the unlabelled test data (test_time "
                           f"{base.test_time!r}); a transductive step goes on top of an inductive method")
-    _COMPOSED[key] = compose(base, step)  # type: ignore[arg-type]
+    if not base.name.isidentifier():
+        raise ConfigError(f"{name!r}: {base.name!r} cannot name a field of the composed config; register the "
+                          "method under a name of letters, digits and '_'")
+    cached = _COMPOSED.get(key)
+    if cached is None or cached.parts != (base, step):  # a plug-in edited and loaded again registers anew
+        _COMPOSED[key] = compose(base, step)  # type: ignore[arg-type]
     return _COMPOSED[key]
 
 

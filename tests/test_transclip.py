@@ -332,3 +332,27 @@ def test_composed_save_and_reload(runner, tiny, synthetic, tmp_path):
     assert torch.equal(reloaded.logits(test.x), method.logits(test.x))
     encoded = method.transductive_encode(test.x)
     assert torch.equal(reloaded.fresh().transductive_logits(encoded), method.fresh().transductive_logits(encoded))
+
+
+def test_identity_carries_each_parts_version_and_plugin_source():
+    """A composed method's identity: its name and both configs, plus each part's version and a plug-in part's
+    source digest (so editing a plug-in base re-runs X+transclip too)."""
+    from fsbench.identity import method_identity
+    from fsbench.methods.zero_shot import ZeroShot
+    from fsbench.transduction import compose
+
+    class PluginBase(ZeroShot):  # defined in this test file: a method not shipped with fsbench
+        pass
+
+    PluginBase.name = "plugin_base"
+    step = METHODS.get("transclip")
+    plugin = compose(PluginBase, step)
+    assert plugin.name == "plugin_base+transclip"
+    own = compose(METHODS.get("zero_shot"), step)
+    config = {"zero_shot": {}, "transclip": {}}
+    partless = {"parts": (), "__module__": "fsbench.transduction"}
+    assert method_identity(plugin, config) != method_identity(type("Same", (plugin,), partless), config)
+    assert method_identity(own, config) == method_identity(type("Same", (own,), partless), config)
+    before = method_identity(plugin, config)
+    PluginBase.version = 2
+    assert method_identity(plugin, config) != before
