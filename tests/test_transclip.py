@@ -87,6 +87,29 @@ def test_few_shot_em_equals_the_official_solver(official):
     assert acc == pytest.approx(float(official["few_shot.acc"]), abs=1e-4)
 
 
+def wide_inputs(n: int = 400, d: int = 512, k: int = 10) -> dict[str, torch.Tensor]:
+    """The wide case's inputs, regenerated from their seed as the fixture's harness drew them."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(k, d, generator=g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    query = F.normalize(centers[labels] + 3 * torch.randn(n, d, generator=g), dim=-1)
+    return {"query": query, "labels": labels, "text": F.normalize(centers + 2 * torch.randn(k, d, generator=g), dim=-1)}
+
+
+def test_zero_shot_em_at_clip_width_equals_the_official_solver(official):
+    """512-d features, 10 classes: the matrix-product Gaussian terms against the official (N, K, D) ones."""
+    w = wide_inputs()
+    checksum = torch.stack([w["query"].double().sum(), w["text"].double().sum(), w["labels"].double().sum()])
+    torch.testing.assert_close(checksum, official["wide.checksum"], rtol=0, atol=1e-9)  # the same inputs
+    trace: dict[str, list[torch.Tensor]] = {}
+    z = transclip_em(w["query"], F.softmax(100 * w["query"] @ w["text"].T, dim=1), TransCLIPConfig(), trace=trace)
+    for i, (ours, theirs) in enumerate(zip(trace["z"], official["wide.z"], strict=True)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-5, msg=lambda m, i=i: f"z update {i}: {m}")
+    for i, (ours, theirs) in enumerate(zip(trace["var"], official["wide.std"], strict=True)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-8, msg=lambda m, i=i: f"var {i}: {m}")
+    assert torch.equal(z.argmax(1), official["wide.final_z"].argmax(1))
+
+
 def test_knn_affinity_in_blocks_equals_one_block(monkeypatch):
     import fsbench.methods.transclip as tc
 
