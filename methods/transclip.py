@@ -27,7 +27,9 @@ are in that repository):
   (scripts/fewshot_atop.sh passes no `--shots`): that is `METHOD+transclip` (`fsbench.transduction`).
 
 Deviations (docs/methods.md): the number of classes is the class set's, not the number of distinct test labels
-(TransCLIP.py:42 reads the test labels); fewer than 8 test images per class start from all of them; when the
+(TransCLIP.py:42 reads the test labels); fewer than 8 test images per class start from all of them; the
+Gaussian terms are matrix products (the official code forms the (N, K, D) differences: the same values to
+float32 rounding, checked on 512-d features); when the
 prior is another method's predictions the official code passes them as one tensor that `update_z` then
 overwrites with z (TransCLIP_utils.py:127-128 and :23): fsbench keeps the prior fixed, as the paper's KL term
 reads, and `prior_follows_z = true` reproduces the official behaviour. Kept as the official code does it:
