@@ -379,3 +379,29 @@ def test_identity_carries_each_parts_version_and_plugin_source():
     before = method_identity(plugin, config)
     PluginBase.version = 2
     assert method_identity(plugin, config) != before
+
+
+def test_the_step_sees_each_whole_test_set_once_and_only_under_transductive(tmp_path, make_runner, synthetic,
+                                                                            monkeypatch):
+    """A recording step: one call per evaluation set under `transductive`, with the whole set's features and the
+    base's prior (no labels exist in its inputs); none under `fewshot` or `test_time`."""
+    from fsbench.methods.transclip import TransCLIP
+    from fsbench.spec import RunSpec
+
+    seen: list[tuple[int, str | None]] = []
+    real = TransCLIP.transduce
+
+    def record(self, inputs):
+        assert set(vars(inputs)) == {"features", "prior", "source"}
+        seen.append((len(inputs.features), inputs.source))
+        return real(self, inputs)
+
+    monkeypatch.setattr(TransCLIP, "transduce", record)
+    runner = make_runner(tmp_path, ["linear_probe.max_iter=5"])
+    for protocol in ("fewshot", "test_time"):
+        runner.run_all(RunSpec("linear_probe+transclip", "test-tiny", "synthetic", 1, 1, protocol=protocol))
+    assert seen == []
+    results, _ = runner.run_all(RunSpec("linear_probe+transclip", "test-tiny", "synthetic", 1, 1,
+                                        protocol="transductive"))
+    assert seen == [(len(synthetic.test), "linear_probe")]
+    assert results[0].extra["unlabelled_test_data"] == "transductive" and results[0].top1 is not None
