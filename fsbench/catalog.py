@@ -58,6 +58,12 @@ def _unknown(kind: str, name: str, known: Iterable[str], cutoff: float = 0.5) ->
     return UnknownNameError(f"unknown {kind} {name!r}{hint}")
 
 
+def _known_composition(name: str, idx: dict[str, Any]) -> bool:
+    """METHOD+STEP (`fsbench.transduction`) with a known method and a known transductive step."""
+    base, _, step = name.partition("+")
+    return base in idx["methods"] and step in idx.get("transductive_steps", [])
+
+
 def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), datasets: Iterable[str] = (),
                 protocols: Iterable[str] = ()) -> None:
     """Raise `UnknownNameError` (did-you-mean) for the first name the index does not know; method names
@@ -77,7 +83,11 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
                 raise _unknown("protocol", name, idx["protocols"])
     if not extra_methods_possible():
         for name in methods:
-            if name.lower() not in idx["methods"]:
+            if "+" in name and not _known_composition(name.lower(), idx):  # the live registry says what is wrong
+                from fsbench.method import METHODS
+
+                METHODS.get(name)
+            elif "+" not in name and name.lower() not in idx["methods"]:
                 raise _unknown("method", name, idx["methods"])
     names = {n for main, aliases in idx["datasets"].items() for n in (main, *aliases)}
     for name in datasets:
@@ -103,6 +113,7 @@ def build() -> dict[str, Any]:
     from fsbench.data import DATASETS
     from fsbench.method import METHODS
     from fsbench.protocols import PROTOCOLS
+    from fsbench.transduction import steps
 
     own = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("fsbench.")]
     methods = {n: {"input": METHODS.get(n).input_kind, "unseen": METHODS.get(n).scores_unseen_classes(),
@@ -113,6 +124,7 @@ def build() -> dict[str, Any]:
     shown = [k.upper().replace("VIT", "ViT") for k in PAPER_BACKBONES] + list(ALIASES) + BACKBONES.names()
     return {
         "methods": methods,
+        "transductive_steps": [n for n in steps() if n in own],  # what may follow METHOD+ (fsbench.transduction)
         "method_modules": method_modules(),
         "protocols": protocols,
         "datasets": {main: aliases for main, aliases in DATASETS.aliases().items()},

@@ -97,6 +97,7 @@ INDEX = {'backbone_names': ['ViT-B/16',
                     'tip_adapter',
                     'tip_adapter_f',
                     'tpt',
+                    'transclip',
                     'two_stage',
                     'zero',
                     'zero_shot'],
@@ -257,6 +258,12 @@ INDEX = {'backbone_names': ['ViT-B/16',
                      'summary': "TPT: per test image, one AdamW step on the prompt's context minimising confident "
                                 "views' entropy",
                      'unseen': True},
+             'transclip': {'input': 'features',
+                           'paper': 'Zanella, Gérin & Ben Ayed, Boosting Vision-Language Models with Transduction, '
+                                    'NeurIPS 2024 (arXiv 2406.01837)',
+                           'summary': 'transductive EM on the whole unlabelled test set, zero-shot prior '
+                                      '(+transclip on any method)',
+                           'unseen': True},
              'two_stage': {'input': 'images',
                            'paper': 'Farina et al., Rethinking Few-Shot Adaptation of Vision-Language Models in '
                                     'Two Stages, CVPR 2025',
@@ -447,4 +454,5 @@ INDEX = {'backbone_names': ['ViT-B/16',
                'transductive': {'metrics': ['top1'],
                                 'summary': 'the whole unlabelled test split at once (not comparable with inductive '
                                            'few-shot)',
-                                'version': 1}}}
+                                'version': 1}},
+ 'transductive_steps': ['transclip']}

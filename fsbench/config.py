@@ -174,6 +174,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):  # a nested config (a composed method's parts)
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return build_dataclass(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool, dict) and isinstance(value, tp) and not (
@@ -277,6 +282,9 @@ def check_method_section(name: str, values: dict[str, Any], where: str) -> None:
     from fsbench.method import METHODS  # lazy: the registry imports torch and the methods
 
     prefix = "" if where == "--set" else f"{where}: "
+    if "+" in name:  # METHOD+STEP (fsbench.transduction) takes each part's own table
+        parts = " and ".join(f"[methods.{p}]" for p in name.split("+"))
+        raise ConfigError(f"{prefix}{name!r} has no settings of its own: set its parts in {parts}")
     if name not in METHODS.names():
         close = difflib.get_close_matches(name, [*METHODS.names(), *SECTIONS], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(METHODS.names())}"

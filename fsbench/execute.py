@@ -275,12 +275,13 @@ class Executor:
             with torch.no_grad():
                 feats = self.features.items(backbone, data, "test", backbone.preprocess, positions, tag=tag,
                                             encode=encode, progress=self._progress("encode test"))
-            if mode == "transductive":
-                return score(feats.x.to(self.device)), feats.y
+            if mode == "transductive":  # per batch `transductive_encode`, then the whole set at once
+                rows = [method.transductive_encode(feats.x[i:i + bs].to(self.device))
+                        for i in range(0, len(feats.y), bs)]
+                return score(_cat(rows)), feats.y
             chunks = [score(feats.x[i:i + bs].to(self.device)) for i in range(0, len(feats.y), bs)]
             return _cat(chunks), feats.y
         items = data.test if positions is None else [data.test[i] for i in positions]
-        bs = len(items) if mode == "transductive" else bs
         seeds = None
         if transform is not None:  # a method's own view of each raw image (TPT's views), seeded per image
             index = range(len(data.test)) if positions is None else positions
@@ -290,8 +291,14 @@ class Executor:
         chunks, labels = [], []
         for images, y in self.track(loader, len(loader), "evaluate"):
             with autocast(self.device):
-                chunks.append(score(images.to(self.device, non_blocking=True)))
+                if mode == "transductive":  # per batch `transductive_encode`, then the whole set at once
+                    chunks.append(method.transductive_encode(images.to(self.device, non_blocking=True)).detach())
+                else:
+                    chunks.append(score(images.to(self.device, non_blocking=True)))
             labels.append(y)
+        if mode == "transductive" and chunks:
+            with autocast(self.device):
+                chunks = [score(_cat(chunks))]
         return _cat(chunks), _cat(labels)
 
     # ---- failures ----------------------------------------------------------------------------------

@@ -156,16 +156,25 @@ def source_digest(cls: type) -> str | None:
         return None
 
 
-def method_identity(cls: type, config: dict[str, Any]) -> str:
-    """The method component: its name and resolved config, plus its `version` when bumped past 1 and a
-    plug-in's source digest (both left out otherwise, so that results of unchanged methods keep their
-    identity)."""
+def _code_identity(cls: type) -> dict[str, Any]:
+    """A method class's `version` when bumped past 1 and a plug-in's source digest (each only when present)."""
     extra: dict[str, Any] = {}
     if getattr(cls, "version", 1) != 1:
         extra["version"] = cls.version  # type: ignore[attr-defined]
     source = source_digest(cls)
     if source:
         extra["source"] = source
+    return extra
+
+
+def method_identity(cls: type, config: dict[str, Any]) -> str:
+    """The method component: its name and resolved config, plus its `version` when bumped past 1 and a
+    plug-in's source digest (both left out otherwise, so that results of unchanged methods keep their
+    identity); a method with a transductive step (`fsbench.transduction`) adds those of its parts."""
+    extra = _code_identity(cls)
+    parts = {p.name: code for p in getattr(cls, "parts", ()) if (code := _code_identity(p))}
+    if parts:
+        extra["parts"] = parts
     return digest([cls.name, config] + ([extra] if extra else []))  # type: ignore[attr-defined]
 
 

@@ -219,8 +219,15 @@ class Method(ABC):
         return None
 
     def transductive_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores of a whole unlabelled evaluation set at once (`test_time = "transductive"`). Default: `logits`."""
+        """Scores of a whole unlabelled evaluation set at once (`test_time = "transductive"`): `x` is the
+        concatenation of `transductive_encode` over the set's batches. Default: `logits`."""
         return self.logits(x)
+
+    def transductive_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-batch part of a transductive pass (one batch of evaluation inputs -> rows that
+        `transductive_logits` receives for the whole set), so that a method needing only per-image outputs
+        never holds the whole set's images. Default: the inputs themselves."""
+        return x
 
     def fresh(self) -> Method:
         """A copy for one evaluation set under a protocol that shows unlabelled test data, so adaptation never
@@ -247,6 +254,12 @@ class Method(ABC):
         The runner then draws it too, hands its train set to `fit` as `ctx.reference`, and makes that draw
         part of the result's identity (PLOT++'s official stage 1 is trained once, on seed 1)."""
         return None
+
+    @classmethod
+    def user_overrides(cls, sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The user's settings of this method from the `[methods.NAME]` tables (bench.toml, `--set`): its own
+        table (a method with a transductive step: each part's, `fsbench.transduction`)."""
+        return dict(sections.get(cls.name, {}))
 
     @classmethod
     def scores_unseen_classes(cls) -> bool:
@@ -285,7 +298,24 @@ class Method(ABC):
             setattr(self, key, value)
 
 
-METHODS: Registry[type[Method]] = Registry("method", entry_point_group="fsbench.methods", base=Method)
+class MethodRegistry(Registry[type[Method]]):
+    """The method registry; `get("lora+transclip")` composes a method with a transductive step
+    (`fsbench.transduction.composed_method`), so "+" is not allowed in a registered name."""
+
+    def register(self, name: str) -> Callable[[type[Method]], type[Method]]:
+        if "+" in name:
+            raise ValueError(f"method names cannot hold '+' (METHOD+STEP composes two), got {name!r}")
+        return super().register(name)
+
+    def get(self, name: str) -> type[Method]:
+        if "+" in name:
+            from fsbench.transduction import composed_method
+
+            return composed_method(name)
+        return super().get(name)
+
+
+METHODS: Registry[type[Method]] = MethodRegistry("method", entry_point_group="fsbench.methods", base=Method)
 METHODS.add_loader(lambda: import_all("fsbench.methods"))
 
 

@@ -110,7 +110,7 @@ class Resolver:
 
     def method_and_config(self, spec: RunSpec) -> tuple[type[Method], Any]:
         cls = METHODS.get(spec.method)
-        overrides = {**self.cfg.methods.get(cls.name, {}), **spec.overrides}
+        overrides = {**cls.user_overrides(self.cfg.methods), **spec.overrides}
         return cls, method_config(cls, overrides)
 
     def protocol(self, spec: RunSpec) -> Protocol:

@@ -44,6 +44,11 @@ def _methods() -> Table:
                     "paper": c.paper} for n in METHODS.names() for c in [METHODS.get(n)]}
     for name, m in sorted(rows.items()):
         table.add_row(name, m["input"], "yes" if m["unseen"] else "n/a", m["summary"], m["paper"])
+    steps = index().get("transductive_steps", [])
+    if steps:
+        table.caption = (f"Any method can take a transductive step on top: METHOD+{' / METHOD+'.join(steps)} "
+                         f"(e.g. lora+{steps[0]}; the whole unlabelled test set under --protocol transductive; "
+                         "docs/methods.md).")
     return table
 
 

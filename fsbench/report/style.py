@@ -45,6 +45,7 @@ METHODS: dict[str, str] = {
     "gda": "GDA",
     "prolip": "ProLIP",
     "lora": "CLIP-LoRA",
+    "transclip": "TransCLIP",
 }
 HIGHLIGHT = "lora"  # drawn thicker, in its own colour, in figures
 HIGHLIGHT_COLOR = "#b2182b"
@@ -59,7 +60,10 @@ def dataset_label(name: str) -> str:
 
 
 def method_label(name: str) -> str:
-    """Display name of a method: paper label for known methods, else the name itself."""
+    """Display name of a method: paper label for known methods, else the name itself; a method with a
+    transductive step names both parts ("CLIP-LoRA + TransCLIP")."""
+    if name not in METHODS and "+" in name:
+        return " + ".join(method_label(part) for part in name.split("+"))
     return METHODS.get(name, name)
 
 

@@ -21,6 +21,7 @@ from fsbench.report.compare import (
 from fsbench.report.cost import cost_markdown, cost_table, plot_pareto
 from fsbench.report.curves import curve_cells, curves_markdown, plot_training_curves
 from fsbench.report.figures import plot_average_curves, plot_shots_curves
+from fsbench.report.gain import gain_csvs, gain_latex, gain_markdown
 from fsbench.report.protocols import protocol_csvs, protocol_figures, protocol_latex, protocol_markdown
 from fsbench.report.render import title, to_latex, to_markdown
 from fsbench.report.stats_report import resolve_reference, write_statistics
@@ -197,6 +198,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
     std_ddof(std)
     formats += ["png"] if "html" in formats and "png" not in formats else []  # the page inlines the PNGs
     df = select_backbones(df[df["status"] == "ok"], backbones)
+    gain = df  # METHOD+STEP paired with METHOD across protocols (fsbench.report.gain)
     fewshot = is_fewshot(df)
     others = df[~fewshot]  # base2new, cross_dataset, ...: their own tables
     df = df[fewshot]  # the paper's tables, figures, cost and statistics: few-shot only
@@ -210,10 +212,11 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
     comparison, paper = _comparisons(df, compare, notes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    more = {**paper.frames, **protocol_csvs(others)}
+    more = {**paper.frames, **protocol_csvs(others), **gain_csvs(gain)}
     written = _csvs(df, out, comparison, more, std) if "csv" in formats else []
     if "tex" in formats:
         tex = "\n".join(to_latex(main_table(df, b, s, std=std)) for b, s in blocks(df)) + protocol_latex(others)
+        tex += gain_latex(gain)
         (out / "tables.tex").write_text("% needs \\usepackage{booktabs,graphicx}\n" + tex)
         written.append(out / "tables.tex")
     written += _figures(df, out, formats, notes, std) if {"png", "pdf"} & set(formats) else []
@@ -222,14 +225,14 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, formats=FORMATS, compare
     statistics, stats_files = write_statistics(df, out, formats, reference, notes)
     if "md" in formats:
         images = [p for p in written if p.suffix == ".png"]
-        protocols = protocol_markdown(others) + base2new_markdown(others, _reference(compare))
+        protocols = protocol_markdown(others) + base2new_markdown(others, _reference(compare)) + gain_markdown(gain)
         (out / "report.md").write_text(_markdown(df, comparison, notes, images, statistics, paper, protocols, std))
         written.append(out / "report.md")
     written += stats_files
     if "html" in formats:
         from fsbench.report.html import Sections, write_html
 
-        sections = Sections(statistics, protocol_markdown(others), paper.main, paper.cost, notes,
+        sections = Sections(statistics, protocol_markdown(others) + gain_markdown(gain), paper.main, paper.cost, notes,
                             [p for p in written if p.suffix == ".png"])
         written.append(write_html(out / "report.html", df, others, comparison, sections, results_dir))
     return written
