@@ -50,6 +50,13 @@ def extra_methods_possible() -> bool:
     return bool(list(entry_points(group="fsbench.methods")))
 
 
+def extra_protocols_possible() -> bool:
+    """Whether an installed package adds protocols through the entry-point group `fsbench.protocols`."""
+    from importlib.metadata import entry_points
+
+    return bool(list(entry_points(group="fsbench.protocols")))
+
+
 def _unknown(kind: str, name: str, known: Iterable[str], cutoff: float = 0.5) -> UnknownNameError:
     """The registry's own message: did-you-mean, else the known names."""
     known = sorted(set(known))
@@ -66,7 +73,7 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
     if any(name.startswith("fsbench_plugin_") for name in sys.modules):
         return
     idx = index()
-    if extra_methods_possible():  # a plug-in may register protocols too: the live (torch-free) registry
+    if extra_methods_possible() or extra_protocols_possible():  # the live (torch-free) protocol registry
         from fsbench.protocols import PROTOCOLS
 
         for name in protocols:

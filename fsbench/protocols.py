@@ -261,7 +261,9 @@ class Protocol:
         return f"the papers fit on {'/'.join(cls.paper_sources)} with {'/'.join(map(str, cls.paper_shots))} shots"
 
 
-PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
+# Third-party protocols arrive as methods do: the entry-point group `fsbench.protocols` (an installed package's
+# `[project.entry-points."fsbench.protocols"]`, loaded on the first lookup) or a `--plugin` file.
+PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", entry_point_group="fsbench.protocols", base=Protocol)
 UNLABELLED_USES = {"none": (), "online": ("online",), "transductive": ("online", "transductive")}
 
 
