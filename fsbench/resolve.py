@@ -31,7 +31,6 @@ from fsbench.splits import (
     SplitStore,
     read_splits_file,
     split_from_entry,
-    val_per_class,
     validate_lists,
     validate_source,
 )
@@ -126,7 +125,7 @@ class Resolver:
         source = self.dataset(spec.dataset)
         validate_source(source)
         targets = {DATASETS.canonical(t): self.dataset(t) for t in protocol.targets(source.name)}
-        split = self._split(source, spec, cls)
+        split = self._split(source, spec, protocol.val_shots(spec.shots, cls.val_request))
         episode = protocol.episode(source, split, targets)
         base = self._base_identity(spec, cls, config, protocol, source, split, episode)
         reference = self._reference(spec, cls, config, protocol, source)
@@ -152,7 +151,8 @@ class Resolver:
         seed = cls.reference_seed(config)
         if seed is None:
             return None
-        split = self._split(source, dataclasses.replace(spec, seed=seed), cls)
+        val = protocol.val_shots(spec.shots, cls.val_request)
+        split = self._split(source, dataclasses.replace(spec, seed=seed), val)
         episode = protocol.episode(source, split, {})
         drawn = [source.split(episode.train_split)[i] for i in episode.train]
         return episode, identity.digest([seed, split.checksum(source), identity.items_digest(source.image_root, drawn)])
@@ -192,10 +192,10 @@ class Resolver:
                                                                              legacy=True)
         return old
 
-    def _split(self, data: DatasetSplits, spec: RunSpec, cls: type[Method]) -> FewShotSplit:
-        """The imported split of (dataset, K, seed) if `--splits` was given, else the store's own draw.
-        Imported splits are never written to the store, so they cannot replace a local draw."""
-        val = val_per_class(spec.shots, cls.val_shots)
+    def _split(self, data: DatasetSplits, spec: RunSpec, val: int) -> FewShotSplit:
+        """The imported split of (dataset, K, seed) if `--splits` was given, else the store's own draw with `val`
+        validation shots per class (the protocol's `val_shots`). Imported splits are never written to the
+        store, so they cannot replace a local draw."""
         if not self.imported:
             return self.splits.get(data, spec.shots, spec.seed, val, self.cfg.study.sampler)
         entry = self.imported.get((data.name, spec.shots, spec.seed))

@@ -57,3 +57,53 @@ def test_protocols_load_from_the_entry_point_group(tmp_path, synthetic_root):
     assert "1 runs to do" in plan.stdout
     absent = _fsbench(["ls", "protocols"], tmp_path)  # not installed: not listed
     assert absent.returncode == 0 and "ep_fewshot" not in absent.stdout
+
+
+# ---- validation is sized by the protocol; a method only asks -------------------------------------------------
+def _resolver(tmp_path: Path, data_root: Path, *sets: str):
+    from fsbench.config import BenchConfig, apply_sets
+    from fsbench.resolve import Resolver
+
+    paths = [f'runtime.results="{tmp_path / "results"}"', f'runtime.cache_dir="{tmp_path / "cache"}"',
+             f'runtime.data_root="{data_root}"', 'runtime.device="cpu"']
+    return Resolver(apply_sets(BenchConfig(), [*paths, *sets]), writable=False)
+
+
+def _val_per_class(prep, data) -> set[int]:
+    from collections import Counter
+
+    items = data.split(prep.episode.val_split)
+    return set(Counter(items[i].label for i in prep.episode.val).values())
+
+
+def test_the_protocol_sizes_validation_and_the_method_only_asks(tmp_path, synthetic_root, synthetic, monkeypatch):
+    from fsbench.protocols import PROTOCOLS, FewShot
+    from fsbench.spec import RunSpec
+
+    class OneValidationShot(FewShot):
+        def val_shots(self, shots, request="default"):
+            return 1  # whatever the method asks
+
+    monkeypatch.setattr(OneValidationShot, "name", "one_val")
+    monkeypatch.setitem(PROTOCOLS._items, "one_val", OneValidationShot)
+    planner = _resolver(tmp_path, synthetic_root)  # clip_lora's draw: K validation shots exist here
+    sizes = {(m, p): _val_per_class(planner.prepare(RunSpec(m, "test-tiny", "synthetic", 8, 1, protocol=p)),
+                                    synthetic)
+             for m in ("linear_probe", "lp_plus_plus") for p in ("fewshot", "one_val")}
+    assert sizes == {("linear_probe", "fewshot"): {4}, ("lp_plus_plus", "fewshot"): {8},  # min(K, 4); K asked
+                     ("linear_probe", "one_val"): {1}, ("lp_plus_plus", "one_val"): {1}}
+
+
+def test_a_method_written_with_val_shots_still_asks_for_k():
+    from fsbench.method import Method
+
+    class Old(Method):
+        val_shots = "shots"  # the attribute's name before the protocol sized validation
+
+        def fit(self, train, val):
+            pass
+
+        def logits(self, x):
+            return x
+
+    assert Old.val_request == "shots" and Method.val_request == "default"
