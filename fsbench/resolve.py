@@ -22,7 +22,7 @@ from fsbench.errors import ConfigError, DataError, FsbenchError
 from fsbench.images import drop_bad_images
 from fsbench.io import ensure_writable
 from fsbench.method import METHODS, Method
-from fsbench.protocols import Episode, Protocol, make_protocol
+from fsbench.protocols import Episode, Protocol, class_set, make_protocol
 from fsbench.results import Result, ResultFileError, file_fingerprint, read_result_strict, result_path, write_result
 from fsbench.samplers import get_sampler
 from fsbench.spec import PROTOCOL_VERSION, RunSpec
@@ -176,6 +176,7 @@ class Resolver:
             "fewshot": identity.digest([split.checksum(source), identity.items_digest(source.image_root, drawn)]),
             "flags": identity.digest({"allow_repeat": rt.allow_repeat, "skip_bad_images": rt.skip_bad_images}),
             "files": identity.FILES,
+            **episode_images(source, split, episode),
         }
 
     def _legacy_identity(self, prep: Prepared, target: str) -> dict[str, str]:
@@ -289,6 +290,21 @@ class Resolver:
         old = self.previous(spec)
         return old if old is not None and old.status == "ok" else None
 
+
+
+def episode_images(source: DatasetSplits, draw: FewShotSplit, episode: Episode) -> dict[str, str]:
+    """The `train_images` / `val_images` identity components: the images the episode fits and validates on,
+    present only where they are not the draw's images of the fitted classes, in the draw's order (those are
+    covered by `fewshot`, and are what every result written before these components used)."""
+    fitted = set(episode.classes.rows_in(class_set(source)) or ())  # the source's labels of the fitted classes
+    out = {}
+    for role, split, positions, drawn_split, drawn in (
+            ("train", episode.train_split, episode.train, draw.train_split, draw.train),
+            ("val", episode.val_split, episode.val, draw.val_split, draw.val)):
+        items = source.split(drawn_split)
+        if split != drawn_split or tuple(positions) != tuple(i for i in drawn if items[i].label in fitted):
+            out[f"{role}_images"] = identity.selection_digest(source, split, positions)
+    return out
 
 
 TARGET_LISTS = {"cross_dataset": "cross_targets", "domain_generalisation": "dg_targets"}

@@ -107,3 +107,49 @@ def test_a_method_written_with_val_shots_still_asks_for_k():
             return x
 
     assert Old.val_request == "shots" and Method.val_request == "default"
+
+
+# ---- the images an episode validates on are part of its results' identity -----------------------------------
+PLUGINS = Path(__file__).parent / "plugins"
+KNOWN = {"protocol", "method", "weights", "classes", "train_list", "val_list", "fewshot", "flags", "files", "sampler"}
+
+
+def test_built_in_episodes_keep_their_identity_components(tmp_path, synthetic_root):
+    """The draw's images of the fitted classes add no component: results stored before it keep their identity."""
+    from fsbench.spec import RunSpec
+
+    planner = _resolver(tmp_path, synthetic_root)
+    for protocol in ("fewshot", "base2new", "test_time", "transductive"):
+        for method in ("linear_probe", "lp_plus_plus"):
+            prep = planner.prepare(RunSpec(method, "test-tiny", "synthetic", 8, 1, protocol=protocol))
+            (ident,) = prep.identities.values()
+            assert {k for k in ident if not k.startswith("eval:")} == KNOWN, (protocol, method)
+
+
+def test_validation_images_taken_elsewhere_are_in_the_identity(tmp_path, synthetic_root):
+    import shutil
+
+    from fsbench import identity
+    from fsbench.registry import load_plugin
+    from fsbench.spec import RunSpec
+
+    for name in ("protocol_wholeval.py", "protocol_carved.py"):
+        load_plugin(PLUGINS / name)
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    specs = {p: RunSpec("linear_probe", "test-tiny", "synthetic", 2, 1, protocol=p)
+             for p in ("fewshot", "wholeval", "carved")}
+    before = {p: _resolver(tmp_path, root).prepare(s) for p, s in specs.items()}
+    whole, carved = before["wholeval"].identities["synthetic"], before["carved"].identities["synthetic"]
+    assert "val_images" in whole and "train_images" not in whole  # fits on the draw, validates on the whole split
+    assert {"val_images", "train_images"} <= set(carved)  # both come out of the drawn shots
+
+    data = _resolver(tmp_path, root).dataset("synthetic")
+    undrawn = next(i for i in range(len(data.val)) if i not in before["fewshot"].split.val)
+    image = data.image_root / data.val[undrawn].path
+    image.write_bytes(image.read_bytes() + b"\0")  # another content: a validation image replaced in place
+    after = {p: _resolver(tmp_path, root).prepare(s) for p, s in specs.items()}
+    assert after["fewshot"].identity_hash("synthetic") == before["fewshot"].identity_hash("synthetic")
+    assert after["carved"].identity_hash("synthetic") == before["carved"].identity_hash("synthetic")
+    changed = identity.describe_change(whole, after["wholeval"].identities["synthetic"])
+    assert changed == "the episode's validation images"
