@@ -11,9 +11,15 @@ generated, method names are checked against the live registry instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import dataclasses
 import difflib
+import functools
 import sys
-from collections.abc import Iterable
+import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from pprint import pformat
 from typing import Any
@@ -21,6 +27,7 @@ from typing import Any
 from fsbench.errors import UnknownNameError
 
 INDEX_FILE = Path(__file__).with_name("catalog_index.py")
+_STATIC = contextvars.ContextVar("static_methods", default=False)
 
 
 def index() -> dict[str, Any]:
@@ -102,6 +109,85 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
             raise UnknownNameError(f"unknown backbone {name!r}{hint}")
 
 
+# ---- the planner's view of a method, without its code ---------------------------------------------------------
+@contextlib.contextmanager
+def static_methods() -> Iterator[None]:
+    """Within: `method_class` answers fsbench's own methods from the index (a stand-in class: name, version,
+    validation request, input kind and a `Config` dataclass of the same fields, types and defaults), so a
+    plan (`fsbench sweep --dry-run`) imports no torch. Keys and types of a method's settings are checked;
+    the ranges its own `Config.__post_init__` checks are checked when it runs."""
+    token = _STATIC.set(True)
+    try:
+        yield
+    finally:
+        _STATIC.reset(token)
+
+
+def method_class(name: str) -> type:
+    """The method registered as `name`: within `static_methods()`, its stand-in from the index when the index
+    describes it (`plan` set: an fsbench method whose planning needs no code of its own); else the live class
+    (which imports torch and every method)."""
+    if _STATIC.get() and not extra_methods_possible():
+        record = index()["methods"].get(name.lower(), {}).get("plan")
+        if record is not None:
+            return _stand_in(name.lower(), record)
+    from fsbench.method import METHODS
+
+    return METHODS.get(name)
+
+
+def method_names() -> list[str]:
+    """Every registered method name: from the index within `static_methods()` (when no plug-in or entry point
+    may add some), else the live registry's."""
+    if _STATIC.get() and not extra_methods_possible():
+        return sorted(index()["methods"])
+    from fsbench.method import METHODS
+
+    return METHODS.names()
+
+
+_TYPES = {"typing": typing}  # what a field's type text (`_type_text`) is evaluated with
+
+
+def _type_text(tp: Any) -> str | None:
+    """A config field's type as text that evaluates back to it (`_TYPES`), or None if it does not."""
+    text = tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else repr(tp)
+    try:
+        return text if eval(text, dict(_TYPES)) == tp else None  # noqa: S307 (our own generated text)
+    except Exception:
+        return None
+
+
+def _plan_record(cls: type) -> dict[str, Any] | None:
+    """What the planner needs of a method (`method_class`), or None when it needs the method's code: a method
+    outside fsbench, one with a shared stage (`reference_seed` depends on its config), a field type or default
+    the index cannot hold."""
+    from fsbench.method import Method
+
+    if not cls.__module__.startswith("fsbench.") or "reference_seed" in {
+            k for c in cls.__mro__ if c is not Method for k in vars(c)}:
+        return None
+    hints, defaults = typing.get_type_hints(cls.Config), dataclasses.asdict(cls.Config())
+    fields = [[f.name, _type_text(hints[f.name]), defaults[f.name]] for f in dataclasses.fields(cls.Config)]
+    if any(text is None for _, text, _ in fields):
+        return None
+    return {"module": cls.__module__, "version": cls.version, "input": cls.input_kind,
+            "val_request": cls.val_request, "config": fields}
+
+
+def _stand_in(name: str, record: dict[str, Any]) -> type:
+    """The planner's class for the method `name`: its name, module, version, validation request, input kind and
+    a `Config` dataclass of the method's fields, types and defaults (without the method's range checks)."""
+    fields = [(field, eval(text, dict(_TYPES)),  # noqa: S307 (our own generated text)
+               dataclasses.field(default_factory=functools.partial(copy.deepcopy, default)))
+              for field, text, default in record["config"]]
+    config = dataclasses.make_dataclass(f"{name.title().replace('_', '')}Config", fields)
+    return type(name, (), {"__module__": record["module"], "name": name, "Config": config, "static": True,
+                           "version": record["version"], "input_kind": record["input"], "eval_input": None,
+                           "val_request": record["val_request"],
+                           "reference_seed": classmethod(lambda cls, config: None)})
+
+
 def build() -> dict[str, Any]:
     """The index, from the live registries (imports torch, open_clip and every method)."""
     import open_clip
@@ -113,7 +199,8 @@ def build() -> dict[str, Any]:
 
     own = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("fsbench.")]
     methods = {n: {"input": METHODS.get(n).input_kind, "unseen": METHODS.get(n).scores_unseen_classes(),
-                   "summary": METHODS.get(n).summary, "paper": METHODS.get(n).paper} for n in own}
+                   "summary": METHODS.get(n).summary, "paper": METHODS.get(n).paper,
+                   "plan": _plan_record(METHODS.get(n))} for n in own}
     builtin = [n for n in PROTOCOLS.names() if PROTOCOLS.get(n).__module__.startswith("fsbench.")]
     protocols = {n: {"version": PROTOCOLS.get(n).version, "metrics": list(PROTOCOLS.get(n).metric_names),
                      "summary": PROTOCOLS.get(n).summary} for n in builtin}

@@ -4,7 +4,8 @@
 datasets, takes the few-shot draw, builds the protocol's episode and the identity of every result
 the run will write (`fsbench.identity`). `Resolver.decide(prepared)` compares them with the stored
 results: reuse, run, or refuse (a finished result of another identity). The sweep planner uses a
-`Resolver` alone: no backbone, feature cache or device is built to plan.
+`Resolver` alone: no backbone, feature cache or device is built to plan, and this module imports no torch
+(within `catalog.static_methods()`, as `fsbench sweep --dry-run` plans, neither does planning).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fsbench import adapters, identity
+from fsbench import identity
+from fsbench.catalog import method_class
 from fsbench.config import BenchConfig, method_config
 from fsbench.data import DATASETS, DatasetSplits, load_dataset
 from fsbench.errors import ConfigError, DataError, FsbenchError
-from fsbench.images import drop_bad_images
 from fsbench.io import ensure_writable
-from fsbench.method import METHODS, Method
 from fsbench.protocols import Episode, Protocol, class_set, make_protocol
 from fsbench.results import Result, ResultFileError, file_fingerprint, read_result_strict, result_path, write_result
 from fsbench.samplers import get_sampler
@@ -34,6 +34,9 @@ from fsbench.splits import (
     validate_lists,
     validate_source,
 )
+
+if TYPE_CHECKING:  # the planner imports no torch: a method's class comes from `catalog.method_class`
+    from fsbench.method import Method
 
 Track = Callable[[Iterable, int, str], Iterable]
 
@@ -102,13 +105,16 @@ class Resolver:
         if name not in self._datasets:
             data = load_dataset(name, self.cfg.runtime.data_root)
             if self.cfg.runtime.skip_bad_images:
+                from fsbench.images import drop_bad_images  # decoding images needs torch's loader
+
                 data = drop_bad_images(data, self.cfg.runtime.cache_dir, self.track)
             validate_lists(data)
             self._datasets[name] = data
         return self._datasets[name]
 
     def method_and_config(self, spec: RunSpec) -> tuple[type[Method], Any]:
-        cls = METHODS.get(spec.method)
+        """The method's class (within `catalog.static_methods()`, its torch-free stand-in) and resolved config."""
+        cls = method_class(spec.method)
         overrides = {**self.cfg.methods.get(cls.name, {}), **spec.overrides}
         return cls, method_config(cls, overrides)
 
@@ -272,10 +278,14 @@ class Resolver:
         root = self.cfg.runtime.save_adapters
         if not root:
             return True
+        from fsbench import adapters  # saved adapters are safetensors files
+
         first = prep.episode.results[0].dataset
         return adapters.is_saved(self.adapter_dir(prep), prep.identity_hash(first))
 
     def adapter_dir(self, prep: Prepared) -> Path:
+        from fsbench import adapters
+
         return adapters.adapter_dir(self.cfg.runtime.save_adapters, prep.spec, prep.protocol.folder(prep.spec.dataset))
 
     def previous(self, spec: RunSpec) -> Result | None:

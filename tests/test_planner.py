@@ -153,3 +153,70 @@ def test_validation_images_taken_elsewhere_are_in_the_identity(tmp_path, synthet
     assert after["carved"].identity_hash("synthetic") == before["carved"].identity_hash("synthetic")
     changed = identity.describe_change(whole, after["wholeval"].identities["synthetic"])
     assert changed == "the episode's validation images"
+
+
+# ---- planning imports no torch ----------------------------------------------------------------------------------
+PROBE = ("import sys; from fsbench.cli import main; rc = main(sys.argv[1:]); "
+         "print('torch loaded:', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+
+
+def test_a_dry_run_plans_without_torch_and_agrees_with_the_runs(tmp_path, synthetic_root):
+    """`sweep --dry-run` and `ablate --dry-run` import no torch, yet see the results a real sweep stored as done
+    (the identities the static catalog gives are the live methods')."""
+    from fsbench.cli import main
+
+    study = tmp_path / "bench.toml"
+    study.write_text(f'[study]\nmethods = ["zero_shot", "linear_probe"]\nbackbones = ["test-tiny"]\n'
+                     'datasets = ["synthetic"]\nshots = [1]\nseeds = [1]\n\n'
+                     f'[runtime]\ndata_root = "{synthetic_root}"\n'
+                     f'results = "{tmp_path / "results"}"\ncache_dir = "{tmp_path / "cache"}"\ndevice = "cpu"\n'
+                     'workers = 0\n\n[methods.linear_probe]\nmax_iter = 20\nweight_decays = [0.01]\n')
+    assert main(["sweep", str(study), "--methods", "zero_shot"]) == 0  # one stored result, one run to do
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250", "PYTHONPATH": str(ROOT)}
+    for args in (["sweep", str(study), "--dry-run"], ["ablate", str(study), "--dry-run", "--datasets", "synthetic",
+                                                      "--backbones", "test-tiny", "--seeds", "1"]):
+        out = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0 and "torch loaded: False" in out.stderr, out.stderr
+        assert ("1 runs to do, 1 already done" if args[0] == "sweep" else "runs to do") in out.stdout, out.stdout
+
+
+def test_the_static_catalog_gives_the_live_identities(tmp_path, synthetic_root, monkeypatch):
+    """Every method the catalog can plan gets the same result identity from its stand-in as from its class."""
+    import fsbench.catalog
+    from fsbench.catalog import index, method_class, static_methods
+    from fsbench.spec import RunSpec
+
+    # plug-in files other tests of this process loaded would send every name to the live registry
+    monkeypatch.setattr(fsbench.catalog, "extra_methods_possible", lambda: False)
+
+    overrides = {"lora": {"rank": 4, "matrices": ["q", "v"], "lr": 1e-3}, "linear_probe": {"max_iter": 20}}
+    planner = _resolver(tmp_path, synthetic_root)
+    planned = [n for n, record in index()["methods"].items() if record["plan"]]
+    assert "lora" in planned and "plot_pp" not in planned  # PLOT++'s shared stage needs its code
+    for name in planned:
+        spec = RunSpec(name, "test-tiny", "synthetic", 8, 1, overrides=overrides.get(name, {}), protocol="base2new")
+        live = planner.prepare(spec)
+        with static_methods():
+            static = planner.prepare(spec)
+            assert getattr(method_class(name), "static", False)
+        assert static.identities == live.identities and static.split == live.split, name
+
+
+def test_static_settings_are_checked_for_keys_and_types(monkeypatch):
+    import pytest
+
+    import fsbench.catalog
+    from fsbench.catalog import static_methods
+    from fsbench.config import BenchConfig, apply_sets
+    from fsbench.errors import ConfigError
+
+    monkeypatch.setattr(fsbench.catalog, "extra_methods_possible", lambda: False)  # as without plug-ins
+    with static_methods():
+        assert apply_sets(BenchConfig(), ["lora.rank=4"]).methods["lora"] == {"rank": 4}
+        with pytest.raises(ConfigError, match=r"unknown key 'rnak' \(did you mean 'rank'\?\)"):
+            apply_sets(BenchConfig(), ["lora.rnak=4"])
+        with pytest.raises(ConfigError, match=r"\[methods.lora\].rank: expected int, got .four."):
+            apply_sets(BenchConfig(), ['lora.rank="four"'])
+        with pytest.raises(ConfigError, match="did you mean 'lora'"):
+            apply_sets(BenchConfig(), ["lroa.rank=4"])
