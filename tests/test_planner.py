@@ -161,8 +161,8 @@ PROBE = ("import sys; from fsbench.cli import main; rc = main(sys.argv[1:]); "
 
 
 def test_a_dry_run_plans_without_torch_and_agrees_with_the_runs(tmp_path, synthetic_root):
-    """`sweep --dry-run` and `ablate --dry-run` import no torch, yet see the results a real sweep stored as done
-    (the identities the static catalog gives are the live methods')."""
+    """`run --dry-run`, `sweep --dry-run` and `ablate --dry-run` import no torch, yet see the results a real sweep
+    stored as done (the identities the static catalog gives are the live methods')."""
     from fsbench.cli import main
 
     study = tmp_path / "bench.toml"
@@ -173,12 +173,13 @@ def test_a_dry_run_plans_without_torch_and_agrees_with_the_runs(tmp_path, synthe
                      'workers = 0\n\n[methods.linear_probe]\nmax_iter = 20\nweight_decays = [0.01]\n')
     assert main(["sweep", str(study), "--methods", "zero_shot"]) == 0  # one stored result, one run to do
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250", "PYTHONPATH": str(ROOT)}
-    for args in (["sweep", str(study), "--dry-run"], ["ablate", str(study), "--dry-run", "--datasets", "synthetic",
-                                                      "--backbones", "test-tiny", "--seeds", "1"]):
+    for args in (["sweep", str(study), "--dry-run"], ["run", "--config", str(study), "--dry-run"],
+                 ["ablate", str(study), "--dry-run", "--datasets", "synthetic", "--backbones", "test-tiny", "--seeds",
+                  "1"]):
         out = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0 and "torch loaded: False" in out.stderr, out.stderr
-        assert ("1 runs to do, 1 already done" if args[0] == "sweep" else "runs to do") in out.stdout, out.stdout
+        assert ("runs to do" if args[0] == "ablate" else "1 runs to do, 1 already done") in out.stdout, out.stdout
 
 
 def test_the_static_catalog_gives_the_live_identities(tmp_path, synthetic_root, monkeypatch):
