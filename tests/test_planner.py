@@ -182,14 +182,18 @@ def test_a_dry_run_plans_without_torch_and_agrees_with_the_runs(tmp_path, synthe
         assert ("runs to do" if args[0] == "ablate" else "1 runs to do, 1 already done") in out.stdout, out.stdout
 
 
+def _without_plugins(monkeypatch) -> None:
+    """As in a process without `--plugin` files: those other tests loaded send every name to the live registry."""
+    for name in [m for m in sys.modules if m.startswith("fsbench_plugin_")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
 def test_the_static_catalog_gives_the_live_identities(tmp_path, synthetic_root, monkeypatch):
     """Every method the catalog can plan gets the same result identity from its stand-in as from its class."""
-    import fsbench.catalog
     from fsbench.catalog import index, method_class, static_methods
     from fsbench.spec import RunSpec
 
-    # plug-in files other tests of this process loaded would send every name to the live registry
-    monkeypatch.setattr(fsbench.catalog, "extra_methods_possible", lambda: False)
+    _without_plugins(monkeypatch)
 
     overrides = {"lora": {"rank": 4, "matrices": ["q", "v"], "lr": 1e-3}, "linear_probe": {"max_iter": 20}}
     planner = _resolver(tmp_path, synthetic_root)
@@ -207,12 +211,11 @@ def test_the_static_catalog_gives_the_live_identities(tmp_path, synthetic_root, 
 def test_static_settings_are_checked_for_keys_and_types(monkeypatch):
     import pytest
 
-    import fsbench.catalog
     from fsbench.catalog import static_methods
     from fsbench.config import BenchConfig, apply_sets
     from fsbench.errors import ConfigError
 
-    monkeypatch.setattr(fsbench.catalog, "extra_methods_possible", lambda: False)  # as without plug-ins
+    _without_plugins(monkeypatch)
     with static_methods():
         assert apply_sets(BenchConfig(), ["lora.rank=4"]).methods["lora"] == {"rank": 4}
         with pytest.raises(ConfigError, match=r"unknown key 'rnak' \(did you mean 'rank'\?\)"):
