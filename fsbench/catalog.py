@@ -11,9 +11,15 @@ generated, method names are checked against the live registry instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import dataclasses
 import difflib
+import functools
 import sys
-from collections.abc import Iterable
+import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from pprint import pformat
 from typing import Any
@@ -21,6 +27,9 @@ from typing import Any
 from fsbench.errors import UnknownNameError
 
 INDEX_FILE = Path(__file__).with_name("catalog_index.py")
+# within `static_methods()`: what it learned ("installed": whether methods outside the index may exist;
+# "classes": method name -> stand-in class)
+_STATIC: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("static_methods", default=None)
 
 
 def index() -> dict[str, Any]:
@@ -50,6 +59,13 @@ def extra_methods_possible() -> bool:
     return bool(list(entry_points(group="fsbench.methods")))
 
 
+def extra_protocols_possible() -> bool:
+    """Whether an installed package adds protocols through the entry-point group `fsbench.protocols`."""
+    from importlib.metadata import entry_points
+
+    return bool(list(entry_points(group="fsbench.protocols")))
+
+
 def _unknown(kind: str, name: str, known: Iterable[str], cutoff: float = 0.5) -> UnknownNameError:
     """The registry's own message: did-you-mean, else the known names."""
     known = sorted(set(known))
@@ -72,7 +88,7 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
     if any(name.startswith("fsbench_plugin_") for name in sys.modules):
         return
     idx = index()
-    if extra_methods_possible():  # a plug-in may register protocols too: the live (torch-free) registry
+    if extra_methods_possible() or extra_protocols_possible():  # the live (torch-free) protocol registry
         from fsbench.protocols import PROTOCOLS
 
         for name in protocols:
@@ -105,6 +121,101 @@ def check_names(methods: Iterable[str] = (), backbones: Iterable[str] = (), data
             raise UnknownNameError(f"unknown backbone {name!r}{hint}")
 
 
+# ---- the planner's view of a method, without its code ---------------------------------------------------------
+@contextlib.contextmanager
+def static_methods() -> Iterator[None]:
+    """Within: `method_class` answers fsbench's own methods from the index (a stand-in class: name, version,
+    validation request, input kind and a `Config` dataclass of the same fields, types and defaults), so a
+    plan (`fsbench sweep --dry-run`) imports no torch. Keys and types of a method's settings are checked;
+    the ranges its own `Config.__post_init__` checks are checked when it runs."""
+    token = _STATIC.set({"classes": {}})
+    try:
+        yield
+    finally:
+        _STATIC.reset(token)
+
+
+def method_class(name: str) -> type:
+    """The method registered as `name`: within `static_methods()`, its stand-in from the index when the index
+    describes it (`plan` set: an fsbench method whose planning needs no code of its own); else the live class
+    (which imports torch and every method)."""
+    known = _static_state()
+    if known is not None:
+        name = name.lower()
+        record = index()["methods"].get(name, {}).get("plan")
+        if record is not None:
+            if name not in known["classes"]:
+                known["classes"][name] = _stand_in(name, record)
+            return known["classes"][name]
+    from fsbench.method import METHODS
+
+    return METHODS.get(name)
+
+
+def _static_state() -> dict[str, Any] | None:
+    """The state of the enclosing `static_methods()`, or None outside it or when methods outside the index may
+    exist (a plug-in, an entry point, a new method file: then the live registry answers). Whether an installed
+    extra exists is looked up once per context (a lookup costs about 20 ms; a study plans thousands of runs)."""
+    state = _STATIC.get()
+    if state is None or any(name.startswith("fsbench_plugin_") for name in sys.modules):
+        return None
+    if "installed" not in state:
+        state["installed"] = extra_methods_possible()
+    return None if state["installed"] else state
+
+
+def method_names() -> list[str]:
+    """Every registered method name: from the index within `static_methods()` (when no plug-in or entry point
+    may add some), else the live registry's."""
+    if _static_state() is not None:
+        return sorted(index()["methods"])
+    from fsbench.method import METHODS
+
+    return METHODS.names()
+
+
+_TYPES = {"typing": typing}  # what a field's type text (`_type_text`) is evaluated with
+
+
+def _type_text(tp: Any) -> str | None:
+    """A config field's type as text that evaluates back to it (`_TYPES`), or None if it does not."""
+    text = tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else repr(tp)
+    try:
+        return text if eval(text, dict(_TYPES)) == tp else None  # noqa: S307 (our own generated text)
+    except Exception:
+        return None
+
+
+def _plan_record(cls: type) -> dict[str, Any] | None:
+    """What the planner needs of a method (`method_class`), or None when it needs the method's code: a method
+    outside fsbench, one with a shared stage (`reference_seed` depends on its config), a field type or default
+    the index cannot hold."""
+    from fsbench.method import Method
+
+    if not cls.__module__.startswith("fsbench.") or "reference_seed" in {
+            k for c in cls.__mro__ if c is not Method for k in vars(c)}:
+        return None
+    hints, defaults = typing.get_type_hints(cls.Config), dataclasses.asdict(cls.Config())
+    fields = [[f.name, _type_text(hints[f.name]), defaults[f.name]] for f in dataclasses.fields(cls.Config)]
+    if any(text is None for _, text, _ in fields):
+        return None
+    return {"module": cls.__module__, "version": cls.version, "input": cls.input_kind,
+            "val_request": cls.val_request, "config": fields}
+
+
+def _stand_in(name: str, record: dict[str, Any]) -> type:
+    """The planner's class for the method `name`: its name, module, version, validation request, input kind and
+    a `Config` dataclass of the method's fields, types and defaults (without the method's range checks)."""
+    fields = [(field, eval(text, dict(_TYPES)),  # noqa: S307 (our own generated text)
+               dataclasses.field(default_factory=functools.partial(copy.deepcopy, default)))
+              for field, text, default in record["config"]]
+    config = dataclasses.make_dataclass(f"{name.title().replace('_', '')}Config", fields)
+    return type(name, (), {"__module__": record["module"], "name": name, "Config": config, "static": True,
+                           "version": record["version"], "input_kind": record["input"],
+                           "val_request": record["val_request"],
+                           "reference_seed": classmethod(lambda cls, config: None)})
+
+
 def build() -> dict[str, Any]:
     """The index, from the live registries (imports torch, open_clip and every method)."""
     import open_clip
@@ -117,7 +228,8 @@ def build() -> dict[str, Any]:
 
     own = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("fsbench.")]
     methods = {n: {"input": METHODS.get(n).input_kind, "unseen": METHODS.get(n).scores_unseen_classes(),
-                   "summary": METHODS.get(n).summary, "paper": METHODS.get(n).paper} for n in own}
+                   "summary": METHODS.get(n).summary, "paper": METHODS.get(n).paper,
+                   "plan": _plan_record(METHODS.get(n))} for n in own}
     builtin = [n for n in PROTOCOLS.names() if PROTOCOLS.get(n).__module__.startswith("fsbench.")]
     protocols = {n: {"version": PROTOCOLS.get(n).version, "metrics": list(PROTOCOLS.get(n).metric_names),
                      "summary": PROTOCOLS.get(n).summary} for n in builtin}

@@ -279,20 +279,21 @@ def apply_sets(cfg: BenchConfig, sets: list[str]) -> BenchConfig:
 def check_method_section(name: str, values: dict[str, Any], where: str) -> None:
     """A `[methods.<name>]` table or `--set <name>.<key>=...`: the method must be registered
     (a one-line error with a did-you-mean otherwise) and the values must make a valid config."""
-    from fsbench.method import METHODS  # lazy: the registry imports torch and the methods
+    from fsbench.catalog import method_class, method_names  # lazy: the live registry imports torch and the methods
 
     prefix = "" if where == "--set" else f"{where}: "
     if "+" in name:  # METHOD+STEP (fsbench.transduction) takes each part's own table
         parts = " and ".join(f"[methods.{p}]" for p in name.split("+"))
         raise ConfigError(f"{prefix}{name!r} has no settings of its own: set its parts in {parts}")
-    if name not in METHODS.names():
-        close = difflib.get_close_matches(name, [*METHODS.names(), *SECTIONS], n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(METHODS.names())}"
+    names = method_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, [*names, *SECTIONS], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(names)}"
         place = f"[methods.{name}]" if prefix else "--set"
         what = "section or method" if close and close[0] in SECTIONS else "method"
         raise ConfigError(f"{prefix}unknown {what} {name!r} in {place}{hint}")
     try:
-        method_config(METHODS.get(name), values)
+        method_config(method_class(name), values)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
 

@@ -17,7 +17,11 @@ A run's identity is a dict of named components, each a short digest:
   mtime and are verified that way: `legacy=True`);
 - `sampler`: the few-shot sampler and its version (`fsbench.samplers`), absent for fsbench's own
   sampler so that results drawn before samplers had names keep their identity;
-- `reference` (only for a method with `Method.reference_seed`): the draw its shared stage trains on.
+- `reference` (only for a method with `Method.reference_seed`): the draw its shared stage trains on;
+- `train_images` / `val_images`: the images the episode fits and validates on (split, paths, labels, contents),
+  absent when they are the draw's images of the fitted classes (which `fewshot` covers; every episode of the
+  built-in protocols, and every result written before these components), present when a protocol takes them
+  elsewhere (validation carved from the shots, the whole val split).
 
 A file's content digest comes from a stat index, as git's index does: the SHA-256 is computed once per
 (path, size, mtime_ns, ctime_ns, inode, device) and again whenever one of them differs, so other bytes
@@ -212,6 +216,13 @@ def list_digest(data: DatasetSplits, split: str) -> str:
     return memo[key]
 
 
+def selection_digest(data: DatasetSplits, split: str, positions: Iterable[int]) -> str:
+    """Digest of the images at `positions` of `data`'s `split`, in order: the split's name, paths, labels and
+    file contents (an episode's `train_images` / `val_images` component)."""
+    items = data.split(split)
+    return digest([split, items_digest(data.image_root, (items[i] for i in positions))])
+
+
 def eval_digest(data: DatasetSplits, positions: tuple[int, ...], legacy: bool = False) -> str:
     """Digest of the evaluated test images (paths, labels, contents), memoised per position set for the
     runner's lifetime (files are stat-ed once per runner; a new process or runner looks again)."""
@@ -234,6 +245,7 @@ LABELS = {
     "sampler": "few-shot sampler (--sampler)",
     "files": "file identity scheme",
     "reference": "the draw of the stage shared by all seeds (PLOT++'s stage 1)",
+    "train_images": "the episode's training images", "val_images": "the episode's validation images",
 }
 
 

@@ -32,6 +32,7 @@ InputKind = Literal["features", "images"]
 # nothing; adapt online, one batch at a time in the protocol's order (`online_logits`); or see the whole
 # evaluation set at once (`transductive_logits`).
 TestTime = Literal["none", "online", "transductive"]
+ValRequest = Literal["default", "shots"]  # the validation a method asks for (`Method.val_request`)
 
 
 @dataclass
@@ -187,12 +188,18 @@ class Method(ABC):
     # with eval_input "features": (cache tag, encode(model, images)) when `logits` takes other cached
     # features than the L2-normalised image embedding (ProLIP: the features before the visual projection)
     eval_encoder: ClassVar[tuple[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] | None] = None
-    # validation shots per class: "default" = min(K, 4) (CLIP-LoRA / CoOp), "shots" = K (LP++)
-    val_shots: ClassVar[Literal["default", "shots"]] = "default"
+    # what validation it asks for; the protocol sizes it (`Protocol.val_shots`): "default" (the protocol's
+    # size: min(K, 4) per class in fsbench's protocols) or "shots" (K per class, LP++'s official regime)
+    val_request: ClassVar[ValRequest] = "default"
     # why the method cannot score classes it was not fitted on (when it does not override `retarget`)
     unseen_reason: ClassVar[str] = "it learns parameters per training class and has none for unseen classes"
     # what it can do with unlabelled evaluation data (used only under a protocol that allows it)
     test_time: ClassVar[TestTime] = "none"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "val_shots" in vars(cls):  # the attribute's name when methods sized validation (plug-ins written then)
+            cls.val_request = vars(cls)["val_shots"]
 
     def __init__(self, config: Any, ctx: Context):
         self.config = config
@@ -200,7 +207,7 @@ class Method(ABC):
 
     @abstractmethod
     def fit(self, train: FewShotData, val: FewShotData) -> None:
-        """Learn from the few-shot train set; `val` (min(K, 4) shots/class) for selection."""
+        """Learn from the few-shot train set; `val` (the protocol's validation set) for selection."""
 
     @abstractmethod
     def logits(self, x: torch.Tensor) -> torch.Tensor:

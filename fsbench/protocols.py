@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from fsbench.data.base import TRAIN_TEMPLATE, DatasetSplits
 from fsbench.errors import DataError
 from fsbench.registry import Registry
-from fsbench.splits import FewShotSplit
+from fsbench.splits import MAX_VAL_SHOTS, FewShotSplit
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,13 @@ class Protocol:
     def __init__(self, targets: tuple[str, ...] = ()):
         self.target_names = tuple(targets)
 
+    def val_shots(self, shots: int, request: str = "default") -> int:
+        """Validation shots per class the sampler draws for a method asking for `request` (`Method.val_request`):
+        min(K, 4) (CLIP-LoRA and CoOp's rule), or K for "shots" (LP++'s official regime; a class with fewer
+        validation images gives all of them). A protocol that validates otherwise (the whole val split, shots
+        carved from the train draw) overrides this or ignores the draw's validation in `episode`."""
+        return shots if request == "shots" else min(shots, MAX_VAL_SHOTS)
+
     def targets(self, source: str) -> list[str]:
         """Datasets to load besides the source."""
         return [t for t in self.target_names if t != source]
@@ -285,7 +292,9 @@ class Protocol:
         return f"the papers fit on {'/'.join(cls.paper_sources)} with {'/'.join(map(str, cls.paper_shots))} shots"
 
 
-PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", base=Protocol)
+# Third-party protocols arrive as methods do: the entry-point group `fsbench.protocols` (an installed package's
+# `[project.entry-points."fsbench.protocols"]`, loaded on the first lookup) or a `--plugin` file.
+PROTOCOLS: Registry[type[Protocol]] = Registry("protocol", entry_point_group="fsbench.protocols", base=Protocol)
 UNLABELLED_USES = {"none": (), "online": ("online",), "transductive": ("online", "transductive")}
 
 

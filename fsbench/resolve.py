@@ -4,7 +4,8 @@
 datasets, takes the few-shot draw, builds the protocol's episode and the identity of every result
 the run will write (`fsbench.identity`). `Resolver.decide(prepared)` compares them with the stored
 results: reuse, run, or refuse (a finished result of another identity). The sweep planner uses a
-`Resolver` alone: no backbone, feature cache or device is built to plan.
+`Resolver` alone: no backbone, feature cache or device is built to plan, and this module imports no torch
+(within `catalog.static_methods()`, as `fsbench sweep --dry-run` plans, neither does planning).
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fsbench import adapters, identity
+from fsbench import identity
+from fsbench.catalog import method_class
 from fsbench.config import BenchConfig, method_config
 from fsbench.data import DATASETS, DatasetSplits, load_dataset
 from fsbench.errors import ConfigError, DataError, FsbenchError
-from fsbench.images import drop_bad_images
 from fsbench.io import ensure_writable
-from fsbench.method import METHODS, Method
-from fsbench.protocols import Episode, Protocol, make_protocol
+from fsbench.protocols import Episode, Protocol, class_set, make_protocol
 from fsbench.results import Result, ResultFileError, file_fingerprint, read_result_strict, result_path, write_result
 from fsbench.samplers import get_sampler
 from fsbench.spec import PROTOCOL_VERSION, RunSpec
@@ -31,10 +31,12 @@ from fsbench.splits import (
     SplitStore,
     read_splits_file,
     split_from_entry,
-    val_per_class,
     validate_lists,
     validate_source,
 )
+
+if TYPE_CHECKING:  # the planner imports no torch: a method's class comes from `catalog.method_class`
+    from fsbench.method import Method
 
 Track = Callable[[Iterable, int, str], Iterable]
 
@@ -103,14 +105,18 @@ class Resolver:
         if name not in self._datasets:
             data = load_dataset(name, self.cfg.runtime.data_root)
             if self.cfg.runtime.skip_bad_images:
+                from fsbench.images import drop_bad_images  # decoding images needs torch's loader
+
                 data = drop_bad_images(data, self.cfg.runtime.cache_dir, self.track)
             validate_lists(data)
             self._datasets[name] = data
         return self._datasets[name]
 
     def method_and_config(self, spec: RunSpec) -> tuple[type[Method], Any]:
-        cls = METHODS.get(spec.method)
-        overrides = {**cls.user_overrides(self.cfg.methods), **spec.overrides}
+        """The method's class (within `catalog.static_methods()`, its torch-free stand-in) and resolved config."""
+        cls = method_class(spec.method)
+        own = getattr(cls, "user_overrides", None)  # METHOD+STEP: each part's table (fsbench.transduction)
+        overrides = {**(own(self.cfg.methods) if own else self.cfg.methods.get(cls.name, {})), **spec.overrides}
         return cls, method_config(cls, overrides)
 
     def protocol(self, spec: RunSpec) -> Protocol:
@@ -127,7 +133,7 @@ class Resolver:
         source = self.dataset(spec.dataset)
         validate_source(source)
         targets = {DATASETS.canonical(t): self.dataset(t) for t in protocol.targets(source.name)}
-        split = self._split(source, spec, cls)
+        split = self._split(source, spec, protocol.val_shots(spec.shots, cls.val_request))
         episode = protocol.episode(source, split, targets)
         base = self._base_identity(spec, cls, config, protocol, source, split, episode)
         reference = self._reference(spec, cls, config, protocol, source)
@@ -153,7 +159,8 @@ class Resolver:
         seed = cls.reference_seed(config)
         if seed is None:
             return None
-        split = self._split(source, dataclasses.replace(spec, seed=seed), cls)
+        val = protocol.val_shots(spec.shots, cls.val_request)
+        split = self._split(source, dataclasses.replace(spec, seed=seed), val)
         episode = protocol.episode(source, split, {})
         drawn = [source.split(episode.train_split)[i] for i in episode.train]
         return episode, identity.digest([seed, split.checksum(source), identity.items_digest(source.image_root, drawn)])
@@ -178,6 +185,7 @@ class Resolver:
             "fewshot": identity.digest([split.checksum(source), identity.items_digest(source.image_root, drawn)]),
             "flags": identity.digest({"allow_repeat": rt.allow_repeat, "skip_bad_images": rt.skip_bad_images}),
             "files": identity.FILES,
+            **episode_images(source, split, episode),
         }
 
     def _legacy_identity(self, prep: Prepared, target: str) -> dict[str, str]:
@@ -194,10 +202,10 @@ class Resolver:
                                                                              legacy=True)
         return old
 
-    def _split(self, data: DatasetSplits, spec: RunSpec, cls: type[Method]) -> FewShotSplit:
-        """The imported split of (dataset, K, seed) if `--splits` was given, else the store's own draw.
-        Imported splits are never written to the store, so they cannot replace a local draw."""
-        val = val_per_class(spec.shots, cls.val_shots)
+    def _split(self, data: DatasetSplits, spec: RunSpec, val: int) -> FewShotSplit:
+        """The imported split of (dataset, K, seed) if `--splits` was given, else the store's own draw with `val`
+        validation shots per class (the protocol's `val_shots`). Imported splits are never written to the
+        store, so they cannot replace a local draw."""
         if not self.imported:
             return self.splits.get(data, spec.shots, spec.seed, val, self.cfg.study.sampler)
         entry = self.imported.get((data.name, spec.shots, spec.seed))
@@ -273,10 +281,14 @@ class Resolver:
         root = self.cfg.runtime.save_adapters
         if not root:
             return True
+        from fsbench import adapters  # saved adapters are safetensors files
+
         first = prep.episode.results[0].dataset
         return adapters.is_saved(self.adapter_dir(prep), prep.identity_hash(first))
 
     def adapter_dir(self, prep: Prepared) -> Path:
+        from fsbench import adapters
+
         return adapters.adapter_dir(self.cfg.runtime.save_adapters, prep.spec, prep.protocol.folder(prep.spec.dataset))
 
     def previous(self, spec: RunSpec) -> Result | None:
@@ -291,6 +303,21 @@ class Resolver:
         old = self.previous(spec)
         return old if old is not None and old.status == "ok" else None
 
+
+
+def episode_images(source: DatasetSplits, draw: FewShotSplit, episode: Episode) -> dict[str, str]:
+    """The `train_images` / `val_images` identity components: the images the episode fits and validates on,
+    present only where they are not the draw's images of the fitted classes, in the draw's order (those are
+    covered by `fewshot`, and are what every result written before these components used)."""
+    fitted = set(episode.classes.rows_in(class_set(source)) or ())  # the source's labels of the fitted classes
+    out = {}
+    for role, split, positions, drawn_split, drawn in (
+            ("train", episode.train_split, episode.train, draw.train_split, draw.train),
+            ("val", episode.val_split, episode.val, draw.val_split, draw.val)):
+        items = source.split(drawn_split)
+        if split != drawn_split or tuple(positions) != tuple(i for i in drawn if items[i].label in fitted):
+            out[f"{role}_images"] = identity.selection_digest(source, split, positions)
+    return out
 
 
 TARGET_LISTS = {"cross_dataset": "cross_targets", "domain_generalisation": "dg_targets", "ood": "ood_targets"}

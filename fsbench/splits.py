@@ -82,12 +82,6 @@ def _class_name(label: int, classnames: list[str] | None) -> str:
     return f"{classnames[label]!r} (label {label})" if classnames and 0 <= label < len(classnames) else str(label)
 
 
-def val_per_class(shots: int, policy: str = "default") -> int:
-    """Validation shots per class: min(K, 4) (CLIP-LoRA, CoOp) or K ("shots": LP++'s official rule; a class
-    with fewer than K validation images then gives all of them)."""
-    return shots if policy == "shots" else min(shots, MAX_VAL_SHOTS)
-
-
 def draw_split(data: DatasetSplits, shots: int, seed: int, repeat: bool = False,
                val_shots: int | None = None) -> FewShotSplit:
     """Draw K train shots and `val_shots` (default min(K, 4)) val shots per class with a local seeded RNG.

@@ -14,7 +14,7 @@ since the start as in the official code (it is never zeroed); the epoch with the
 accuracy (last one on ties) is kept. On ImageNet the text weights average the official 7-template
 ensemble (datasets/imagenet.py:178; `IMAGENET_ENSEMBLE`). The validation set has K shots per class,
 as the official code draws it (main.py:94; main_imagenet.py via datasets/imagenet.py:238-243 takes
-them from ImageNet's train split, as fsbench's held-out 10% does), via `val_shots = "shots"`.
+them from ImageNet's train split, as fsbench's held-out 10% does), via `val_request = "shots"`.
 
 Deviations: float32 throughout (the official code runs CLIP's fp16); features of the
 un-augmented images from the cache (the official code encodes one random crop per image).
@@ -81,7 +81,7 @@ class LPPlusPlus(Method):
 
     Config = LPPlusPlusConfig
     input_kind = "features"
-    val_shots = "shots"  # official: K validation shots per class, ImageNet too (fsbench's shared rule: min(K, 4))
+    val_request = "shots"  # official: K validation shots per class, ImageNet too (the protocols' own: min(K, 4))
     paper = "Huang et al., LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP, CVPR 2024"
     summary = "LP++: linear probe blending visual prototypes with text weights, Lipschitz step sizes"
 

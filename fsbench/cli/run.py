@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, results_table, sampler_set, split_list
@@ -110,16 +112,22 @@ def run(
     save_adapter: Path = Opt(None, "--save-adapter", help="Save what each run learned (safetensors + JSON) "
                              "under DIR/<backbone>/<dataset>/<method>/shots<K>_seed<S>/."),
     plugin: list[Path] = Opt(None, "--plugin", help="Python file registering extra methods."),
+    dry_run: bool = Opt(False, "--dry-run", help="Print the plan (runs to do, done, failed, changed), run nothing."),
 ) -> None:
     """Run few-shot experiments and write one result JSON per run."""
+    from fsbench.catalog import static_methods
+
     for p in plugin or []:
         load_plugin(p)
-    cfg = load_config(config, sampler_set(set_, sampler), data_root=data_root, results=results, device=device,
-                      workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
-                      splits=splits, save_adapters=save_adapter.absolute() if save_adapter else None)
-    specs = expand(cfg, _given(method, split_list), _given(backbone, split_list), _given(dataset, split_list),
-                   _given(shots, int_list, "--shots"), _given(seed, int_list, "--seed"), pretrained, checkpoint,
-                   _given(protocol, split_list))
+    with static_methods() if dry_run else contextlib.nullcontext():  # a plan imports no torch
+        cfg = load_config(config, sampler_set(set_, sampler), data_root=data_root, results=results, device=device,
+                          workers=workers, allow_repeat=allow_repeat, skip_bad_images=skip_bad_images,
+                          splits=splits, save_adapters=save_adapter.absolute() if save_adapter else None)
+        specs = expand(cfg, _given(method, split_list), _given(backbone, split_list), _given(dataset, split_list),
+                       _given(shots, int_list, "--shots"), _given(seed, int_list, "--seed"), pretrained, checkpoint,
+                       _given(protocol, split_list))
+        if dry_run:
+            return _print_plan(cfg, specs, force)
     _validate_names(specs, cfg)
     done = execute(cfg, specs, force)
     console.print(results_table(done))
@@ -127,6 +135,19 @@ def run(
     failed = [r for r in done if r.status != "ok"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(done)} runs failed (first: {failed[0].error})")
+
+
+def _print_plan(cfg: BenchConfig, specs, force: bool) -> None:
+    """`run --dry-run`: the decision `run` would take for each run (the sweep's plan table), nothing run."""
+    from fsbench.resolve import Resolver
+    from fsbench.sweep.plan import build_plan
+    from fsbench.sweep.summary import plan_line, plan_table
+
+    plan = build_plan(Resolver(cfg, writable=False), specs, force)
+    console.print(plan_table(plan))
+    console.print(f"plan: {plan_line(plan)}")
+    for _spec, reason in plan.conflicts:
+        console.print(f"[yellow]changed[/] {escape(reason)}", highlight=False)
 
 
 def _given(values, parse, *args):

@@ -9,6 +9,7 @@ worker; 2 for a configuration error; 130 on Ctrl-C (finished runs are kept: run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
+from fsbench.catalog import check_names, static_methods
 from fsbench.cli.app import app, console
 from fsbench.cli.common import int_list, load_config, progress_bars, sampler_set, split_list
 from fsbench.cli.run import _given, _validate_names, expand
@@ -63,16 +65,17 @@ def sweep(
     sampler: str = SAMPLER,
 ) -> None:
     """Run the whole study (and the ablation grid when enabled), resumable, locally or on Ray."""
-    cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
-                data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
-    specs = expand(cfg, _given(methods, split_list), _given(backbones, split_list), _given(datasets, split_list),
-                   _given(shots, int_list, "--shots"), _given(seeds, int_list, "--seeds"),
-                   protocols=_given(protocols, split_list))
-    if cfg.ablation.enabled:
-        from fsbench.sweep import ablation_specs
+    with _planning(dry_run):
+        cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
+                    data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
+        specs = expand(cfg, _given(methods, split_list), _given(backbones, split_list),
+                       _given(datasets, split_list), _given(shots, int_list, "--shots"),
+                       _given(seeds, int_list, "--seeds"), protocols=_given(protocols, split_list))
+        if cfg.ablation.enabled:
+            from fsbench.sweep.plan import ablation_specs
 
-        specs += ablation_specs(cfg)
-    _sweep(cfg, specs, dry_run, retry, force, plugin or [])
+            specs += ablation_specs(cfg)
+        _sweep(cfg, specs, dry_run, retry, force, plugin or [])
 
 
 @app.command()
@@ -84,13 +87,20 @@ def ablate(
     save_adapter: Path = SAVE_ADAPTER, sampler: str = SAMPLER,
 ) -> None:
     """Run CLIP-LoRA's Figure 3 ablation grid (bench.toml's ablation table), one label per variant."""
-    from fsbench.sweep import ablation_specs
+    from fsbench.sweep.plan import ablation_specs
 
-    cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
-                data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
-    specs = ablation_specs(cfg, split_list(backbones), split_list(datasets), int_list(shots, "--shots"),
-                           int_list(seeds, "--seeds"))
-    _sweep(cfg, specs, dry_run, retry, force, plugin or [])
+    with _planning(dry_run):
+        cfg = _load(config, sampler_set(set_, sampler), plugin, executor, ray_address, results=results,
+                    data_root=data_root, device=device, save_adapters=_absolute(save_adapter))
+        specs = ablation_specs(cfg, split_list(backbones), split_list(datasets), int_list(shots, "--shots"),
+                               int_list(seeds, "--seeds"))
+        _sweep(cfg, specs, dry_run, retry, force, plugin or [])
+
+
+def _planning(dry_run: bool) -> contextlib.AbstractContextManager:
+    """A dry run plans without torch: fsbench's own methods are read from the static catalog
+    (`catalog.static_methods`); a run that will execute loads them (their code checks their settings)."""
+    return static_methods() if dry_run else contextlib.nullcontext()
 
 
 def _load(config: Path | None, sets: list[str] | None, plugins: list[Path] | None, executor: str | None,
@@ -115,7 +125,11 @@ def _sweep(cfg: BenchConfig, specs: list[RunSpec], dry_run: bool, retry: str, fo
 
     if retry not in ("", "failed", "changed"):
         raise ConfigError(f"--retry takes 'failed' or 'changed', got {retry!r}")
-    _validate_names(specs)
+    if dry_run:  # a plan builds no backbone: names are checked against the static catalog
+        check_names({s.method for s in specs}, {s.backbone for s in specs}, {s.dataset for s in specs},
+                    {s.protocol for s in specs})
+    else:
+        _validate_names(specs)
     # Planning only reads result files and data lists: a CPU runner, so a GPU-less Ray head can plan a GPU
     # sweep, and a read-only results folder can be planned.
     planner = Resolver(cfg, writable=not dry_run)

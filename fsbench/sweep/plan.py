@@ -17,10 +17,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsbench.catalog import method_class
 from fsbench.config import BenchConfig, method_config
 from fsbench.errors import ConfigError
 from fsbench.io import remove_stale_temp  # noqa: F401 (re-exported)
-from fsbench.method import METHODS
 from fsbench.resolve import Resolver
 from fsbench.spec import RunSpec
 
@@ -81,7 +81,7 @@ def ablation_variants(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
     """Figure 3's variants by label: (a) matrices x ranks, (b) positions, (c) encoders, each
     around the method's configured values ([methods.lora], else the paper's defaults)."""
     ab = cfg.ablation
-    cls = METHODS.get(ab.method)
+    cls = method_class(ab.method)
     base = method_config(cls, cfg.methods.get(cls.name, {}))
     missing = [name for name in ABLATION_FIELDS if not hasattr(base, name)]
     if missing:
