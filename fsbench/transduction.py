@@ -118,7 +118,7 @@ def compose(base: type[Method], step: type[TransductiveStep]) -> type[Method]:
     encoded = base.eval_encoder is not None  # the frozen features are not what base's logits read: take images
     attrs: dict[str, Any] = {
         "Config": config, "base_cls": base, "step_cls": step, "parts": (base, step),
-        "input_kind": base.input_kind, "val_shots": base.val_shots, "unseen_reason": base.unseen_reason,
+        "input_kind": base.input_kind, "val_request": base.val_request, "unseen_reason": base.unseen_reason,
         "eval_input": "images" if encoded else base.eval_input, "eval_encoder": None,
         "paper": f"{base.paper}; {step.name}: {step.paper}",
         "summary": f"{base.name} with {step.name}'s transductive step on its test-set predictions",

@@ -76,7 +76,7 @@ class GalLoPConfig(DasslRecipe):
     lr: float = 0.002  # --lr_init (train.py:235, scripts :13)
     momentum: float = 0.9  # train.py:236
     weight_decay: float = 1e-2  # train.py:237
-    batch_size: int = 0  # 0 = the official script's: 128 on ImageNet / SUN397, 10 on EuroSAT, else 32
+    batch_size: int | None = None  # None = the official script's: 128 on ImageNet / SUN397, 10 on EuroSAT, else 32
     epochs: int = 0  # 0 = the official script's: 50 on ImageNet, else 200
     warmup_epochs: int = 0  # scripts :14 --warmup_epoch 0
     n_global: int = 4  # global prompts (scripts :20)
@@ -95,8 +95,8 @@ class GalLoPConfig(DasslRecipe):
     section: ClassVar[str] = "gallop"
 
     def __post_init__(self) -> None:
-        # batch_size 0 is the per-dataset placeholder; the recipe's other checks apply as usual
-        check_recipe(self.section, dataclasses.replace(self, batch_size=DEFAULT_BATCH) if self.batch_size == 0
+        # batch_size None is the per-dataset placeholder; the recipe's other checks apply as usual
+        check_recipe(self.section, dataclasses.replace(self, batch_size=DEFAULT_BATCH) if self.batch_size is None
                      else self)
         for name in ("n_global", "n_local"):
             check_at_least(self.section, name, getattr(self, name), 1)
@@ -231,7 +231,7 @@ class GalLoP(LearnedModule, Method):
         cfg, ctx = self.config, self.ctx
         self.config = cfg = dataclasses.replace(  # the stored config records what ran
             cfg, epochs=cfg.epochs or SHORT_SCHEDULE.get(ctx.dataset, 200),
-            batch_size=cfg.batch_size or OFFICIAL_BATCH.get(ctx.dataset, DEFAULT_BATCH),
+            batch_size=OFFICIAL_BATCH.get(ctx.dataset, DEFAULT_BATCH) if cfg.batch_size is None else cfg.batch_size,
             checkpoint_text=("on" if ctx.dataset in CHECKPOINTED else "off") if cfg.checkpoint_text == "auto"
             else cfg.checkpoint_text)
         self._build()

@@ -102,5 +102,6 @@ def test_ls_lists_registered_names(capsys):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in capsys.readouterr().out.splitlines() if line.count("│") == 3}
     assert rows["fgvc_aircraft"] == "aircraft, fgvc" and "aircraft" not in rows  # aliases on their main row
-    assert len(rows) == 17 and rows["imagenet"] == ""  # 11 datasets + imagefolder + synthetic + 4 ImageNet variants
+    # 11 datasets + imagefolder + synthetic + 4 ImageNet variants + 4 OOD sets (issue 21)
+    assert len(rows) == 21 and rows["imagenet"] == ""
     assert main(["ls", "nonsense"]) == 2

@@ -136,11 +136,11 @@ def test_defaults_are_the_official_recipe():
     cfg = GalLoPConfig()
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs) == (0.002, 0.9, 1e-2, 0)
     assert (cfg.n_global, cfg.n_local, cfg.topk, cfg.dropout) == (4, 4, [5, 10, 15, 20], 0.75)
-    assert (cfg.batch_size, cfg.epochs, cfg.init) == (0, 0, "a photo of a")
+    assert (cfg.batch_size, cfg.epochs, cfg.init) == (None, 0, "a photo of a")
     with pytest.raises(ConfigError, match="one per local prompt"):
         GalLoPConfig(topk=[5, 10])
     with pytest.raises(ConfigError, match="batch_size"):
-        GalLoPConfig(batch_size=-1)
+        GalLoPConfig(batch_size=0)
 
 
 def test_vit_b16_trainable_count_is_the_official_one():
@@ -150,7 +150,7 @@ def test_vit_b16_trainable_count_is_the_official_one():
 
 
 def test_fit_records_the_resolved_schedule_and_batch(runner, tiny, synthetic):  # noqa: F811
-    """epochs / batch_size 0 resolve to the official script's values, and the stored config says what ran."""
+    """epochs 0 / batch_size None resolve to the official script's values, and the stored config says what ran."""
     method = fitted("gallop", runner, tiny, synthetic)
     assert (method.config.epochs, method.config.batch_size) == (2, 32)  # epochs from FAST; batch: the default 32
     assert method.config.checkpoint_text == "off"  # "auto": on for ImageNet and SUN397 only

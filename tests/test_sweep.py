@@ -326,7 +326,9 @@ def test_bench_toml_is_the_papers_full_study():
     # peft: an optional cross-check of lora; clap, gda, prolip: 2024 baselines beyond the paper's study; the
     # 2025 comparison (issue 22) and LoRA's relatives: outside the paper's study too
     beyond = {"peft", "clap", "gda", "prolip", "promptsrc", "tcp", "dept_coop", "dept_kgcoop", "dept_maple",
-              "clip_svd", "clipfit", "two_stage", "lora_dora", "lora_pissa", "lora_vera"}
+              "clip_svd", "clipfit", "two_stage", "lora_dora", "lora_pissa", "lora_vera", "gallop",
+              # issue 21's test-time and transductive methods: other protocols than the paper's
+              "tda", "tpt", "zero", "transclip"}
     assert set(cfg.study.methods) == shipped - beyond
     assert (len(cfg.study.datasets), cfg.study.shots, cfg.study.seeds) == (11, [1, 2, 4, 8, 16], [1, 2, 3])
     lora = METHODS.get("lora")

@@ -8,6 +8,7 @@ official prior aliasing, `prior_follows_z`), on top of text prototypes, and few-
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,9 +296,12 @@ def test_sweep_end_to_end_reports_the_paired_gain(tmp_path, synthetic_root, monk
     assert "## Transductive gain" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_ls_methods_says_any_method_takes_the_step(capsys):
+def test_ls_methods_says_any_method_takes_the_step(capsys, monkeypatch):
     from fsbench.catalog import check_names
     from fsbench.cli import main
+
+    for name in [m for m in sys.modules if m.startswith("fsbench_plugin_")]:  # as in a process without --plugin
+        monkeypatch.delitem(sys.modules, name)  # files (other tests loaded some: names go to the live registry)
 
     assert main(["ls", "methods"]) == 0
     out = " ".join(capsys.readouterr().out.split())
