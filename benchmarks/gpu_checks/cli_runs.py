@@ -39,6 +39,7 @@ def read_results(results: Path) -> list[dict]:
             steps = sum(int(c.get("steps") or 0) for c in curves.values() if isinstance(c, dict))
             row["steps"] = steps or None
             row["s_per_step"] = data["train_seconds"] / steps if steps and data.get("train_seconds") else None
+            row["ms_per_image"] = (data.get("metrics") or {}).get("ms_per_image")  # test_time's scoring cost
             out.append(row)
     return sorted(out, key=lambda r: (str(r["method"]), r["seed"] or 0))
 
@@ -70,7 +71,8 @@ def main() -> None:
     for r in results:
         peak = r["peak_memory_bytes"]
         print(f"{r['method']} seed {r['seed']}: {r['status']} top1 {r['top1']} train {r['train_seconds']} s "
-              f"({r['steps']} steps, {r['s_per_step']} s/step) eval {r['eval_seconds']} s, peak "
+              f"({r['steps']} steps, {r['s_per_step']} s/step) eval {r['eval_seconds']} s "
+              f"({r['ms_per_image']} ms/test image), peak "
               f"{peak / 2**30 if peak else None} GiB on {r['device']} {r['error'] or ''}")
     passed = code == 0 and good == args.expect and len(results) == args.expect
     print(f"fsbench exit code {code}; {good} of {args.expect} expected runs ok in {seconds:.1f} s: "

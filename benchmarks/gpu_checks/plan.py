@@ -100,8 +100,20 @@ def method_checks(s: dict, smoke: bool, out: Path, work: Path) -> list[Check]:
     deep = ["run", "--method", "maple,plot_pp", "--dataset", "imagefolder", "--shots", "1", "--seed", "1",
             "--pretrained", "none", *fsbench_args(s, data, deep_res, work), "--set", "maple.epochs=1",
             "--set", "plot_pp.epochs=1"]
+    tt_data, tt_res = work / "data_tt", work / "test_time"
+    size = ["--small"] if smoke else []
+    tt_gen = script("gpu_checks/datagen.py") + [str(tt_data), "--classes", "10", "--test", "3", *size,
+                                                "--out", str(out / "datagen_tt.json")]
+    views = ["--set", "tpt.views=3", "--set", "zero.views=3"] if smoke else []  # the default on a GPU: 63 + 1
+    tt = ["run", "--protocol", "test_time", "--method", "tda,tpt,zero", "--dataset", "imagefolder", "--shots", "1",
+          "--seed", "1", "--pretrained", "none", *fsbench_args(s, tt_data, tt_res, work), *views]
     runner = script("gpu_checks/cli_runs.py")
     return [
+        Check("datagen_tt", "a 10-class imagefolder dataset, 3 test images per class, for the test-time methods",
+              tt_gen, 90),
+        Check("test_time", "TDA, TPT and ZERO under --protocol test_time, one image at a time (ms per test image, "
+              "peak memory)", runner + ["--results", str(tt_res), "--expect", "3", "--out",
+                                        str(out / "test_time.json"), "--", *tt], 240),
         Check("deep_prompt", "MaPLe and PLOT++ (deep prompts through both towers), fsbench run, 1 epoch "
               "(s/step, peak memory)", runner + ["--results", str(deep_res), "--expect", "2", "--out",
                                                  str(out / "deep_prompt.json"), "--", *deep], 200),

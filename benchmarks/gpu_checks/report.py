@@ -61,7 +61,8 @@ def _memory(n: dict) -> str:
 def _costs(n: dict) -> str:
     """Per run: status, seconds per training step and peak memory (the methods' cost on the device)."""
     runs = n.get("runs", [])
-    return ", ".join(f"{r['method']} {r['status']} {fmt(r.get('s_per_step'), '.4f', ' s/step')} peak "
+    return ", ".join(f"{r['method']} {r['status']} {fmt(r.get('s_per_step'), '.4f', ' s/step')} "
+                     f"{fmt(r.get('ms_per_image'), '.1f', ' ms/test image')} peak "
                      f"{fmt((r.get('peak_memory_bytes') or 0) / 2**30 or None, '.2f', ' GiB')}" for r in runs) or "-"
 
 
@@ -72,7 +73,8 @@ def _runs(n: dict) -> str:
 
 NUMBERS: dict[str, Callable[[dict], str]] = {
     "datagen": _datagen, "pytest_gpu": _pytest, "crops": _crops, "lora_e2e": _e2e, "lora_step": _step,
-    "projection": _projection, "memory": _memory, "coop_frozen": _runs, "sweep_ray": _runs, "deep_prompt": _costs}
+    "projection": _projection, "memory": _memory, "coop_frozen": _runs, "sweep_ray": _runs, "deep_prompt": _costs,
+    "test_time": _costs, "datagen_tt": _datagen}
 
 
 def key_numbers(record: dict) -> str:
