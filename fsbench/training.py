@@ -179,11 +179,14 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn, epochs: int,
                  steps: int, lr_of_epoch: Callable[[int], float] | None, desc: str, *, amp: bool = True,
                  lr_of_step: Callable[[int], float] | None = None, backward: Backward | None = None,
-                 end_epoch: Callable[[int], None] | None = None) -> None:
+                 end_epoch: Callable[[int], None] | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, total: int | None = None) -> None:
     """The one optimisation loop: `epochs` x `steps` updates of `loss_fn(x, y)` on `batches`.
 
     Per epoch the lr is set to `lr_of_epoch(epoch)` (None: left as the optimiser has it); with
-    `lr_of_step`, to `lr_of_step(global step)` before every update instead. Under `amp` the loss runs
+    `lr_of_step`, to `lr_of_step(global step)` before every update instead; a torch `scheduler` is
+    stepped after every update. `total` stops after that many updates (the last epoch cut short):
+    an iteration budget, as `train_iterations` runs it. Under `amp` the loss runs
     in `ctx.autocast()` with a GradScaler for fp16. `backward(loss, scaler)` replaces
     `scaler.scale(loss).backward()` (gradient surgery, e.g. ProGrad); `end_epoch(epoch)` runs after
     each epoch's updates (validation, outer steps). Every update's loss and learning rate go to
@@ -192,22 +195,43 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
     `ctx.track`.
     """
     scaler = torch.amp.GradScaler(enabled=amp and ctx.amp_dtype == torch.float16)
+    total = epochs * steps if total is None else total
     ctx.curves.start(desc)
     for epoch in ctx.track(range(epochs), epochs, desc):
         if lr_of_epoch is not None:
             _set_lr(opt, lr_of_epoch(epoch))
         losses, lrs = [], []
-        for step in range(steps):
+        for step in range(epoch * steps, min((epoch + 1) * steps, total)):
             if lr_of_step is not None:
-                _set_lr(opt, lr_of_step(epoch * steps + step))
+                _set_lr(opt, lr_of_step(step))
             lrs.append(opt.param_groups[0]["lr"])
             losses.append(_update(ctx, opt, next(batches), loss_fn, scaler, amp, backward))
+            if scheduler is not None:
+                scheduler.step()
         values = torch.stack(losses).float().cpu()
         ctx.curves.losses(values.tolist(), lrs)
         if not torch.isfinite(values).all():
-            raise RunFailed(f"{desc}: non-finite loss in epoch {epoch + 1} of {epochs}")
+            where = (f"epoch {epoch + 1} of {epochs}" if total == epochs * steps
+                     else f"steps {epoch * steps + 1}-{epoch * steps + len(losses)} of {total}")
+            raise RunFailed(f"{desc}: non-finite loss in {where}")
         if end_epoch is not None:
             end_epoch(epoch)
+
+
+SYNC_EVERY = 50  # updates of `train_iterations` between two reads of their losses (each read is a host-device sync)
+
+
+def train_iterations(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn, total: int,
+                     eta_min: float, desc: str, *, amp: bool = True) -> None:
+    """CLIP-LoRA's official schedule on the one loop: `total` updates, the learning rate following
+    `CosineAnnealingLR(T_max=total, eta_min)` stepped after every update (github.com/MaxZanella/CLIP-LoRA
+    358f0d7, lora.py:73-126); epochs are the batches' own, as the official loader's (`shuffle=True`,
+    `drop_last=False`: main.py:48, datasets/utils.py:375), i.e. `image_batches(..., steps=all_steps)`.
+    Losses are read and checked every `SYNC_EVERY` updates; `amp` as in `train_epochs`.
+    """
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1), eta_min=eta_min)
+    train_epochs(ctx, opt, batches, loss_fn, math.ceil(total / SYNC_EVERY), SYNC_EVERY, None, desc, amp=amp,
+                 scheduler=scheduler, total=total)
 
 
 def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn,

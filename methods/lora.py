@@ -37,10 +37,9 @@ from fsbench.checks import (
     check_non_negative,
     check_positive,
 )
-from fsbench.errors import RunFailed
-from fsbench.images import augmented_batches
 from fsbench.method import FewShotData, Method, count_trainable, register_method
 from fsbench.text import bucket_tokens, encode_buckets
+from fsbench.training import all_steps, image_batches, train_iterations
 from fsbench.tuners import LoRALinear, check_targets, inject_lora, merged_state_dict
 
 
@@ -108,32 +107,12 @@ class CLIPLoRA(Method):
         return None
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
-        cfg, ctx = self.config, self.ctx
+        cfg = self.config
         self.prepare()
-        params = self.params
-        total = self.total_steps()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.eta_min)
-        scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         self.model.train()
-        batches = self._batches(train)
-        ctx.curves.start("train lora")
-        losses, lrs = [], []
-        for step in ctx.track(range(total), total, "train lora"):
-            loss = self.train_loss(*next(batches))
-            losses.append(loss.detach().reshape(()))
-            lrs.append(opt.param_groups[0]["lr"])
-            if (step + 1) % 50 == 0 or step + 1 == total:  # recorded and checked every 50 steps: one sync
-                values = torch.stack(losses).float().cpu()
-                ctx.curves.losses(values.tolist(), lrs)
-                losses, lrs = [], []
-                if not torch.isfinite(values).all():
-                    raise RunFailed(f"non-finite loss in steps {step // 50 * 50 + 1}-{step + 1} of {total}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+        train_iterations(self.ctx, opt, self._batches(train), self.train_loss, self.total_steps(), cfg.eta_min,
+                         "train lora")
         self.finish()
 
     def total_steps(self) -> int:
@@ -223,7 +202,8 @@ class CLIPLoRA(Method):
         bb, cfg, ctx = self.ctx.backbone, self.config, self.ctx
         if cfg.augment == "pil" or (cfg.augment == "auto" and ctx.device.type != "cuda"):
             tf = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
-            return augmented_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator())
+            return image_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator(),
+                                 all_steps(len(train.items), cfg.batch_size))
         images = to_uint8_tensor(train.items, train.image_root, ctx.device)
         return device_batches(images, train.labels, cfg.batch_size, bb.image_size, bb.mean, bb.std,
                               cfg.crop_scale, ctx.generator(), ctx.generator(1))
