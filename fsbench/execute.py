@@ -27,6 +27,7 @@ from fsbench.errors import DataError, RunFailed
 from fsbench.features import FeatureCache
 from fsbench.images import bad_images_error, image_loader, scan_images
 from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
+from fsbench.metrics import accuracy
 from fsbench.protocols import ClassSet, Episode, EvalSet, Target, make_protocol, test_time_mode
 from fsbench.resolve import Prepared
 from fsbench.results import Result
@@ -34,14 +35,6 @@ from fsbench.spec import RunSpec
 from fsbench.splits import FewShotSplit
 
 Track = Callable[[Iterable, int, str], Iterable]
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent, exact (integer count of hits over the number of samples)."""
-    if len(labels) == 0:
-        return float("nan")
-    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
-    return 100.0 * hits / len(labels)
 
 
 def calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float | None:

@@ -253,26 +253,23 @@ def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor,
 # ---- selection -------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction (0-1) of rows whose arg-max is the label."""
-    return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
-
-
 class BestOnValidation(Generic[T]):
-    """The one selection rule: keep the state with the highest validation accuracy.
+    """The one selection rule: keep the state with the highest validation accuracy (percent,
+    `fsbench.metrics.accuracy`).
 
     `offer(accuracy, snapshot)` keeps `snapshot()` (called only then) when the accuracy beats the best
     so far; on ties the first offer is kept (`ties="first"`, strict >) or the last (`ties="last"`, >=,
-    LP++'s official rule). The first offer is always kept, even a NaN accuracy (a single candidate).
-    With `curves` (the run's `Context.curves`), every offered accuracy is recorded on the training curve.
+    LP++'s official rule). The first offer is always kept, even a NaN accuracy (a single candidate),
+    unless `floor` is given: then an offer must beat `floor` too, else `initial` stays (GDA's official
+    search keeps its default alpha unless one scores above 0). With `curves` (the run's
+    `Context.curves`), every offered accuracy is recorded on the training curve (as a fraction, 0-1).
     """
 
     def __init__(self, initial: T | None = None, ties: Literal["first", "last"] = "first",
-                 curves: CurveRecorder | None = None):
+                 curves: CurveRecorder | None = None, floor: float | None = None):
         if ties not in ("first", "last"):
             raise ValueError(f"ties must be 'first' or 'last', got {ties!r}")
-        self.state, self.ties, self.accuracy, self.curves = initial, ties, None, curves
+        self.state, self.ties, self.accuracy, self.curves = initial, ties, floor, curves
         self.index: int | None = None  # which offer (0-based) is kept
         self._offers = 0
 
@@ -280,9 +277,20 @@ class BestOnValidation(Generic[T]):
         """Keep `snapshot()` if `accuracy` is the best so far; return whether it was kept."""
         n, self._offers = self._offers, self._offers + 1
         if self.curves is not None:
-            self.curves.validation(accuracy)
+            self.curves.validation(accuracy / 100)
         better = self.accuracy is None or (accuracy >= self.accuracy if self.ties == "last"
                                            else accuracy > self.accuracy)
         if better:
             self.accuracy, self.state, self.index = accuracy, snapshot(), n
         return better
+
+
+def best_on_validation(candidates: Iterable[T], accuracy_of: Callable[[T], float], *,
+                       ties: Literal["first", "last"] = "first", initial: T | None = None,
+                       floor: float | None = None) -> T | None:
+    """A grid search: the candidate whose `accuracy_of` is highest under `BestOnValidation`'s rule
+    (candidates scored in order; `ties`, `initial` and `floor` as there)."""
+    best = BestOnValidation(initial, ties, floor=floor)
+    for candidate in candidates:
+        best.offer(accuracy_of(candidate), lambda c=candidate: c)
+    return best.state
