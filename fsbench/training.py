@@ -26,13 +26,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
 
-from fsbench.checks import check_at_least, check_fraction, check_non_negative, check_positive
+from fsbench.checks import (
+    check_at_least,
+    check_betas,
+    check_crop_scale,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+)
 from fsbench.curves import CurveRecorder
 from fsbench.data.base import Item
 from fsbench.errors import RunFailed
@@ -166,6 +173,68 @@ def check_recipe(section: str, cfg: DasslRecipe) -> None:
     check_at_least(section, "batch_size", cfg.batch_size, 1)
     check_at_least(section, "epochs", cfg.epochs, 0)
     check_at_least(section, "warmup_epochs", cfg.warmup_epochs, 0)
+
+
+@dataclass
+class LoRARecipe:
+    """CLIP-LoRA's optimisation recipe (github.com/MaxZanella/CLIP-LoRA 358f0d7, lora.py:73-76, main.py):
+    AdamW (lr 2e-4, weight decay 1e-2, betas 0.9/0.999), `iters_per_shot` x shots updates of batch 32,
+    cosine to `eta_min` (`train_iterations`). A base of method configs (lora, peft, clip_svd), so its
+    fields stay top-level keys; a method redeclares a field to change its default."""
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 32
+    iters_per_shot: int = 500  # total steps = iters_per_shot x shots
+    eta_min: float = 1e-6  # cosine schedule floor
+
+    section: ClassVar[str] = "recipe"
+
+    def __post_init__(self) -> None:
+        check_lora_recipe(self.section, self)
+
+
+def check_lora_recipe(section: str, cfg: LoRARecipe) -> None:
+    """Range checks of the recipe fields, naming `section.field`."""
+    check_positive(section, "lr", cfg.lr)
+    check_non_negative(section, "weight_decay", cfg.weight_decay)
+    check_non_negative(section, "eta_min", cfg.eta_min)
+    check_betas(section, "betas", cfg.betas)
+    check_at_least(section, "batch_size", cfg.batch_size, 1)
+    check_at_least(section, "iters_per_shot", cfg.iters_per_shot, 1)
+
+
+AUGMENT_PATHS = ("auto", "device", "pil")
+
+
+@dataclass
+class EndToEnd:
+    """How an end-to-end method trains through both towers (CLIP-LoRA's way): logits scale, random crops,
+    where they are drawn, and how the class prompts are grouped per text pass."""
+
+    logit_scale: float = 100.0
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    # "device": images decoded once to uint8 tensors on the training device, crops drawn as
+    # torchvision does and resized there in batches (fsbench.augment); "pil": torchvision's PIL
+    # transforms on the CPU, one image at a time (the official code's path); "auto": "device"
+    # on CUDA, "pil" on CPU (where per-image PIL crops of small images are the faster path)
+    augment: str = "auto"
+    text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
+
+    section: ClassVar[str] = "end_to_end"
+
+    def __post_init__(self) -> None:
+        check_end_to_end(self.section, self)
+
+
+def check_end_to_end(section: str, cfg: EndToEnd) -> None:
+    """Range checks of the end-to-end fields, naming `section.field`."""
+    check_positive(section, "logit_scale", cfg.logit_scale)
+    check_crop_scale(section, "crop_scale", cfg.crop_scale)
+    check_at_least(section, "text_buckets", cfg.text_buckets, 1)
+    if cfg.augment not in AUGMENT_PATHS:
+        raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {cfg.augment!r}")
 
 
 # ---- the loop --------------------------------------------------------------------------------------

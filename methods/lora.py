@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,61 +30,32 @@ from torch import nn
 
 from fsbench.augment import device_batches, to_uint8_tensor, train_transform
 from fsbench.backbones import BackboneInfo
-from fsbench.checks import (
-    check_at_least,
-    check_betas,
-    check_crop_scale,
-    check_fraction,
-    check_non_negative,
-    check_positive,
-)
 from fsbench.method import FewShotData, Method, count_trainable, register_method
 from fsbench.text import bucket_tokens, encode_buckets
-from fsbench.training import all_steps, image_batches, train_iterations
-from fsbench.tuners import LoRALinear, check_targets, inject_lora, merged_state_dict
+from fsbench.training import (
+    EndToEnd,
+    LoRARecipe,
+    all_steps,
+    check_end_to_end,
+    check_lora_recipe,
+    image_batches,
+    train_iterations,
+)
+from fsbench.tuners import LoRALayerConfig, LoRALinear, TargetsConfig, check_lora_layer, inject_lora, merged_state_dict
 
 
 @dataclass
-class LoRAConfig:
-    """CLIP-LoRA hyper-parameters (official defaults)."""
+class LoRAConfig(EndToEnd, TargetsConfig, LoRARecipe, LoRALayerConfig):
+    """CLIP-LoRA hyper-parameters (official defaults): the LoRA layer, the recipe, the targets and the
+    end-to-end pass, composed from the toolkit's pieces (fields, and their stored order, unchanged)."""
 
-    rank: int = 2
-    alpha: float = 1.0
-    dropout: float = 0.25  # on the LoRA branch input
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size: int = 32
-    iters_per_shot: int = 500  # total steps = iters_per_shot x shots
-    eta_min: float = 1e-6  # cosine schedule floor
-    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
-    encoder: str = "both"  # vision | text | both
-    position: str = "all"  # see fsbench.tuners.POSITIONS
-    logit_scale: float = 100.0
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
-    # "device": images decoded once to uint8 tensors on the training device, crops drawn as
-    # torchvision does and resized there in batches (fsbench.augment); "pil": torchvision's PIL
-    # transforms on the CPU, one image at a time (the official code's path); "auto": "device"
-    # on CUDA, "pil" on CPU (where per-image PIL crops of small images are the faster path)
-    augment: str = "auto"
-    text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
+    section: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
-        check_at_least("lora", "rank", self.rank, 1)
-        for name in ("alpha", "lr", "logit_scale"):
-            check_positive("lora", name, getattr(self, name))
-        check_non_negative("lora", "weight_decay", self.weight_decay)
-        check_non_negative("lora", "eta_min", self.eta_min)
-        check_betas("lora", "betas", self.betas)
-        check_crop_scale("lora", "crop_scale", self.crop_scale)
-        check_fraction("lora", "dropout", self.dropout)
-        check_at_least("lora", "batch_size", self.batch_size, 1)
-        check_at_least("lora", "iters_per_shot", self.iters_per_shot, 1)
-        check_targets(self.encoder, self.position, self.matrices)
-        if self.augment not in ("auto", "device", "pil"):
-            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
-        if self.text_buckets < 1:
-            raise ValueError(f"text_buckets must be >= 1, got {self.text_buckets}")
+        check_lora_layer(self.section, self)
+        check_lora_recipe(self.section, self)
+        check_end_to_end(self.section, self)
+        TargetsConfig.__post_init__(self)
 
 
 @register_method("lora")
