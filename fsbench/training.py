@@ -137,18 +137,48 @@ def coop_epochs(shots: int, dataset: str) -> int:
 
 
 @dataclass
-class DasslRecipe:
-    """Dassl's SGD recipe (the CoOp family's): a base class of method configs, so its fields stay
-    top-level TOML keys (`[methods.coop] lr = 0.002`). Subclasses redeclare a field to change its
-    default and set `section` (the method name) for error messages."""
+class DasslSGD:
+    """Dassl's SGD fields (dassl/config/defaults.py OPTIM): lr, momentum 0.9, weight decay 5e-4."""
 
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
+
+
+@dataclass
+class DasslSchedule:
+    """Dassl's batches and schedule: batch size, epochs, a constant warm-up then cosine (`dassl_lr`). A piece
+    of its own for methods with another optimiser (TaskRes: Adam; CLAP: SGD without weight decay)."""
+
     batch_size: int = 32
     epochs: int = 0  # 0 = the method's own schedule (e.g. CoOp's 50 / 100 / 200 per shot count)
     warmup_epochs: int = 1  # constant warm-up epochs at warmup_lr before the cosine
     warmup_lr: float = 1e-5
+
+    section: ClassVar[str] = "recipe"
+
+    def __post_init__(self) -> None:
+        check_dassl_schedule(self.section, self)
+
+    def lr_schedule(self, lr: float, epochs: int) -> Callable[[int], float]:
+        """epoch -> learning rate: Dassl's constant warm-up then cosine from `lr` over `epochs`."""
+        return lambda epoch: dassl_lr(epoch, lr, epochs, self.warmup_epochs, self.warmup_lr)
+
+
+def check_dassl_schedule(section: str, cfg: DasslSchedule) -> None:
+    """Range checks of the schedule fields, as one-line `ConfigError`s naming `section.field`."""
+    check_positive(section, "warmup_lr", cfg.warmup_lr)
+    check_at_least(section, "batch_size", cfg.batch_size, 1)
+    check_at_least(section, "epochs", cfg.epochs, 0)
+    check_at_least(section, "warmup_epochs", cfg.warmup_epochs, 0)
+
+
+@dataclass
+class DasslRecipe(DasslSchedule, DasslSGD):
+    """Dassl's SGD recipe (the CoOp family's): `DasslSGD` then `DasslSchedule` (fields in that order), a base
+    class of method configs, so its fields stay top-level TOML keys (`[methods.coop] lr = 0.002`).
+    Subclasses redeclare a field to change its default and set `section` (the method name) for error
+    messages."""
 
     section: ClassVar[str] = "recipe"
 
@@ -161,18 +191,15 @@ class DasslRecipe:
 
     def schedule(self, epochs: int) -> Callable[[int], float]:
         """epoch -> learning rate: Dassl's constant warm-up then cosine over `epochs`."""
-        return lambda epoch: dassl_lr(epoch, self.lr, epochs, self.warmup_epochs, self.warmup_lr)
+        return self.lr_schedule(self.lr, epochs)
 
 
 def check_recipe(section: str, cfg: DasslRecipe) -> None:
     """Range checks of the recipe fields, as one-line `ConfigError`s naming `section.field`."""
     check_positive(section, "lr", cfg.lr)
-    check_positive(section, "warmup_lr", cfg.warmup_lr)
     check_fraction(section, "momentum", cfg.momentum)
     check_non_negative(section, "weight_decay", cfg.weight_decay)
-    check_at_least(section, "batch_size", cfg.batch_size, 1)
-    check_at_least(section, "epochs", cfg.epochs, 0)
-    check_at_least(section, "warmup_epochs", cfg.warmup_epochs, 0)
+    check_dassl_schedule(section, cfg)
 
 
 @dataclass
