@@ -276,7 +276,8 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
                  steps: int, lr_of_epoch: Callable[[int], float] | None, desc: str, *, amp: bool = True,
                  lr_of_step: Callable[[int], float] | None = None, backward: Backward | None = None,
                  end_epoch: Callable[[int], None] | None = None,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, total: int | None = None) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, total: int | None = None,
+                 track_updates: bool = False) -> None:
     """The one optimisation loop: `epochs` x `steps` updates of `loss_fn(x, y)` on `batches`.
 
     Per epoch the lr is set to `lr_of_epoch(epoch)` (None: left as the optimiser has it); with
@@ -288,16 +289,19 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
     each epoch's updates (validation, outer steps). Every update's loss and learning rate go to
     `ctx.curves` (a phase named `desc`), fetched once per epoch together with the non-finite check
     (each fetch is a host-device sync); a non-finite loss raises `RunFailed`. Progress goes through
-    `ctx.track`.
+    `ctx.track`, one tick per epoch, or per update with `track_updates` (a step timer's ticks).
     """
     scaler = torch.amp.GradScaler(enabled=amp and ctx.amp_dtype == torch.float16)
     total = epochs * steps if total is None else total
+    ticks = iter(ctx.track(range(total), total, desc)) if track_updates else None
     ctx.curves.start(desc)
-    for epoch in ctx.track(range(epochs), epochs, desc):
+    for epoch in range(epochs) if track_updates else ctx.track(range(epochs), epochs, desc):
         if lr_of_epoch is not None:
             _set_lr(opt, lr_of_epoch(epoch))
         losses, lrs = [], []
         for step in range(epoch * steps, min((epoch + 1) * steps, total)):
+            if ticks is not None:
+                next(ticks)
             if lr_of_step is not None:
                 _set_lr(opt, lr_of_step(step))
             lrs.append(opt.param_groups[0]["lr"])
@@ -312,6 +316,8 @@ def train_epochs(ctx: Context, opt: torch.optim.Optimizer, batches: Batches, los
             raise RunFailed(f"{desc}: non-finite loss in {where}")
         if end_epoch is not None:
             end_epoch(epoch)
+    if ticks is not None:
+        next(ticks, None)  # past the last update: the tracker closes (a progress bar, a step timer's clock)
 
 
 SYNC_EVERY = 50  # updates of `train_iterations` between two reads of their losses (each read is a host-device sync)
@@ -323,11 +329,12 @@ def train_iterations(ctx: Context, opt: torch.optim.Optimizer, batches: Batches,
     `CosineAnnealingLR(T_max=total, eta_min)` stepped after every update (github.com/MaxZanella/CLIP-LoRA
     358f0d7, lora.py:73-126); epochs are the batches' own, as the official loader's (`shuffle=True`,
     `drop_last=False`: main.py:48, datasets/utils.py:375), i.e. `image_batches(..., steps=all_steps)`.
-    Losses are read and checked every `SYNC_EVERY` updates; `amp` as in `train_epochs`.
+    Losses are read and checked every `SYNC_EVERY` updates; progress ticks once per update (the
+    benchmarks' step timer, `benchmarks/common.py` `StepClock`); `amp` as in `train_epochs`.
     """
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1), eta_min=eta_min)
     train_epochs(ctx, opt, batches, loss_fn, math.ceil(total / SYNC_EVERY), SYNC_EVERY, None, desc, amp=amp,
-                 scheduler=scheduler, total=total)
+                 scheduler=scheduler, total=total, track_updates=True)
 
 
 def _update(ctx: Context, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn,
