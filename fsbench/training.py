@@ -1,5 +1,8 @@
-"""The training toolkit every trained method uses: seeded shuffled batches, Dassl's warm-up + cosine
-schedule, one optimisation loop, one best-on-validation rule, and the Dassl SGD recipe as a config.
+"""The training toolkit every trained method uses: one shuffler (`index_batches`, which every batch source
+draws from), Dassl's warm-up + cosine schedule, one optimisation loop (`train_epochs`; CLIP-LoRA's
+iteration-budget schedule is an option of it, `train_iterations`), one best-on-validation rule
+(`BestOnValidation`, `best_on_validation`), and the recipes as config pieces (`DasslRecipe` =
+`DasslSGD` + `DasslSchedule`; `LoRARecipe`, `EndToEnd`).
 
 The CoOp family (CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe, PLOT++), CLIP-Adapter and TaskRes all train
 with Dassl (github.com/KaiyangZhou/Dassl.pytorch, c61a1b5); this module holds its rules once:
@@ -8,6 +11,9 @@ with Dassl (github.com/KaiyangZhou/Dassl.pytorch, c61a1b5); this module holds it
 - `dassl_lr`: ConstantWarmupScheduler (dassl/optim/lr_scheduler.py) around CosineAnnealingLR, stepped
   once per epoch;
 - `DasslRecipe`: SGD with momentum 0.9 and weight decay 5e-4 (dassl/config/defaults.py OPTIM), batch 32.
+
+CLIP-LoRA and its family (lora, peft, clip_svd, two_stage) train with `train_iterations` on
+`image_batches(..., steps=all_steps)` (the official loader keeps the last partial batch).
 
 Usage (a method's `fit`)::
 
