@@ -33,9 +33,9 @@ from fsbench.data.base import DatasetSplits, Item
 from fsbench.dataprep.sources import SOURCES
 from fsbench.device import amp_dtype
 from fsbench.engine import Runner
-from fsbench.execute import accuracy
 from fsbench.features import FeatureCache, encode_images
 from fsbench.method import METHODS, Context, FeatureSource, FewShotData
+from fsbench.metrics import accuracy
 from fsbench.spec import RunSpec
 from fsbench.splits import draw_split
 

@@ -26,9 +26,9 @@ from reference import reference_batches, reference_model
 
 from fsbench.augment import augment, to_uint8_tensor, train_transform
 from fsbench.backbones import BackboneSpec, build_backbone
-from fsbench.images import augmented_batches
 from fsbench.methods.lora import LoRAConfig
 from fsbench.text import bucket_tokens, encode_buckets, encode_token_embeddings
+from fsbench.training import all_steps, image_batches
 from fsbench.tuners import inject_lora
 
 
@@ -92,7 +92,7 @@ def data_levers(args: argparse.Namespace, device: torch.device, folder: Path) ->
     prompts = [f"a photo of a {c}." for c in imagenet_classes(1000)]
     tf = train_transform(224, backbone.mean, backbone.std, [0.08, 1.0])
     disk = reference_batches(items, folder, tf, 32, device, 0, torch.Generator().manual_seed(0))
-    memory = augmented_batches(items, folder, tf, 32, torch.Generator().manual_seed(0))
+    memory = image_batches(items, folder, tf, 32, torch.Generator().manual_seed(0), all_steps(len(items), 32))
     next(memory)  # decodes once
     stored = to_uint8_tensor(items, folder, device)
     g = torch.Generator().manual_seed(0)

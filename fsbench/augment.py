@@ -1,7 +1,7 @@
 """The shared training augmentation: `train_transform` (torchvision, PIL, one image at a time) and
 the same crops batched on the training device.
 
-The reference path (`fsbench.images.augmented_batches` with torchvision's PIL transforms)
+The reference path (`fsbench.training.image_batches` with torchvision's PIL transforms)
 crops, resizes and converts one PIL image at a time on the CPU. Here the few-shot images are
 decoded once into uint8 tensors on the device (at their native size, as the PIL path keeps
 them: padding every image to the largest one would waste memory on ImageNet's varied sizes,
@@ -136,13 +136,14 @@ def device_batches(images: Sequence[torch.Tensor], labels: torch.Tensor, batch_s
                    aug_generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless epochs of shuffled (`generator`), freshly augmented (`aug_generator`) batches.
 
-    Same batching as `fsbench.images.augmented_batches`: a new permutation per epoch, the last
-    batch of an epoch may be smaller.
+    The one shuffler's batches (`fsbench.training.index_batches` with `all_steps`, as
+    `fsbench.training.image_batches` draws them for the PIL path): a new permutation per epoch, the
+    last batch of an epoch may be smaller.
     """
+    from fsbench.training import all_steps, index_batches  # training imports the method layer; augment is lower
+
     labels = labels.to(images[0].device) if images else labels
-    while True:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size].tolist()
-            batch = augment([images[i] for i in idx], size, mean, std, aug_generator, scale)
-            yield batch, labels[idx]
+    for _, order in index_batches(len(images), batch_size, generator, all_steps(len(images), batch_size)):
+        idx = order.tolist()
+        batch = augment([images[i] for i in idx], size, mean, std, aug_generator, scale)
+        yield batch, labels[idx]

@@ -2,7 +2,7 @@
 
 The training loops record into the run's `CurveRecorder` (`Context.curves`): `fsbench.training.train_epochs`
 one loss and learning rate per update, `BestOnValidation` every validation accuracy it is offered,
-LoRA's loop and linear_probe's L-BFGS their own. The runner stores `export()` in the result's `curves`:
+linear_probe's L-BFGS its own. The runner stores `export()` in the result's `curves`:
 one entry per training phase (a loop; PLOT++ has two, CLIP-Adapter one per residual ratio), each
 downsampled to at most `MAX_POINTS` points by averaging consecutive updates, with the number of
 non-finite losses counted before averaging. `curve_problems` names what a report flags. No torch here.

@@ -28,6 +28,7 @@ from fsbench.errors import DataError, RunFailed
 from fsbench.features import FeatureCache
 from fsbench.images import bad_images_error, image_loader, scan_images
 from fsbench.method import Context, FeatureSource, FewShotData, Method, NotApplicable
+from fsbench.metrics import accuracy
 from fsbench.protocols import (
     MS_PER_IMAGE,
     SCORING_PEAK_MIB,
@@ -45,14 +46,6 @@ from fsbench.splits import FewShotSplit
 from fsbench.tta_views import view_seed
 
 Track = Callable[[Iterable, int, str], Iterable]
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent, exact (integer count of hits over the number of samples)."""
-    if len(labels) == 0:
-        return float("nan")
-    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
-    return 100.0 * hits / len(labels)
 
 
 def calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float | None:

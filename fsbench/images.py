@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -192,21 +192,3 @@ def image_loader(items: Sequence[Item], root: Path, transform: Callable, batch_s
         generator=generator, num_workers=workers, pin_memory=device.type == "cuda",
         drop_last=drop_last, persistent_workers=False,
     )
-
-
-def augmented_batches(items: Sequence[Item], root: Path, transform: Callable, batch_size: int,
-                      generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless epochs of shuffled, freshly augmented batches from images decoded once.
-
-    Few-shot training sets are small (at most 16 x 1000 images), so decoding every file once
-    and augmenting in memory keeps the trainer from waiting on JPEG decoding or on loader
-    processes. Shuffling uses `generator`; the random transforms use torch's global RNG,
-    which the engine seeds per run.
-    """
-    images = load_images(items, root)
-    labels = torch.tensor([it.label for it in items], dtype=torch.long)
-    while True:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            yield torch.stack([transform(images[i]) for i in idx.tolist()]), labels[idx]

@@ -1,13 +1,28 @@
-"""Evaluation metrics computed from a run's predictions (numpy only; the engine passes arrays).
+"""Evaluation metrics computed from a run's predictions (no torch import: tensors are duck-typed).
 
-Top-1 accuracy lives with the evaluation loop; this module holds what needs more than a mean.
+`accuracy` is the one top-1 accuracy: the runner's headline metric (`fsbench.execute`) and every
+validation search of a method (`fsbench.training.BestOnValidation`) compute it here.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 ECE_BINS = 15  # Guo et al. (2017) and the calibration literature on CLIP report ECE with 15 bins
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of (N, C) `logits` against (N,) `labels`: exact (the integer count of
+    rows whose arg-max is the label, over N); NaN for an empty set. One host-device sync."""
+    if len(labels) == 0:
+        return float("nan")
+    hits = int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
+    return 100.0 * hits / len(labels)
 
 
 def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:

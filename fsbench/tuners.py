@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fsbench.attention import attention_layers, fused_state_dict, projections
+from fsbench.checks import check_at_least, check_fraction, check_positive
 from fsbench.errors import ConfigError
 from fsbench.text import text_tower
 
@@ -278,3 +280,44 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     `qkv`), so the result loads into a plain open_clip model (`--checkpoint`).
     """
     return fused_state_dict(model, _effective)
+
+
+# ---- config pieces: bases of method configs, so their fields stay top-level keys (`--set lora.rank=4`) ------------
+# A method config composes them by inheritance, listing the pieces last-first: dataclass fields follow the reversed
+# MRO, so `class LoRAConfig(EndToEnd, TargetsConfig, LoRARecipe, LoRALayerConfig)` keeps CLIP-LoRA's stored key order
+# (rank, alpha, dropout, recipe, matrices, encoder, position, ...), on which result identities do not depend anyway.
+
+
+@dataclass
+class LoRALayerConfig:
+    """The LoRA layer's shape (CLIP-LoRA loralib defaults): rank 2, alpha 1, dropout 0.25 on the LoRA input."""
+
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25  # on the LoRA branch input
+
+    section: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        check_lora_layer(self.section, self)
+
+
+def check_lora_layer(section: str, cfg: LoRALayerConfig) -> None:
+    """Range checks of rank, alpha and dropout, naming `section.field`."""
+    check_at_least(section, "rank", cfg.rank, 1)
+    check_positive(section, "alpha", cfg.alpha)
+    check_fraction(section, "dropout", cfg.dropout)
+
+
+@dataclass
+class TargetsConfig:
+    """Which projections of which blocks of which towers an adapter wraps (`block_targets`)."""
+
+    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
+    encoder: str = "both"  # vision | text | both
+    position: str = "all"  # see POSITIONS
+
+    allowed: ClassVar[tuple[str, ...]] = tuple(MATRICES)  # what `matrices` may name
+
+    def __post_init__(self) -> None:
+        check_targets(self.encoder, self.position, self.matrices, allowed=self.allowed)

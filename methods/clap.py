@@ -32,6 +32,7 @@ drawn from an RNG seeded by (`view_seed`, image path), so they are encoded once 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +43,15 @@ from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
 from fsbench.methods.taskres import base_text_features, official_classnames
 from fsbench.methods.tip_adapter import augment_transform
-from fsbench.training import dassl_lr, dassl_steps, shuffled_batches, train_epochs
+from fsbench.training import DasslSchedule, check_dassl_schedule, dassl_steps, shuffled_batches, train_epochs
 
 CONSTRAINTS = ("l2", "cosine", "none")
 MULTIPLIERS = ("zero_shot", "balanced", "corrected", "constant")
 
 
 @dataclass
-class CLAPConfig:
-    """CLAP hyper-parameters (official code: train.py, configs/trainers/SGD_lr1e-1_B256_ep300.yaml)."""
+class CLAPFields:
+    """CLAP's own fields and its SGD (no weight decay): the first part of `CLAPConfig`'s stored keys."""
 
     constraint: str = "l2"  # "l2" (CLAP), "cosine", or "none" (the zero-shot-initialised probe, ZS-LP)
     multipliers: str = "zero_shot"  # lambda_c: "zero_shot" (official), "balanced", "corrected", "constant"
@@ -60,24 +61,29 @@ class CLAPConfig:
     view_seed: int = 1  # seeds each image's views
     lr: float = 0.1
     momentum: float = 0.9
+
+
+@dataclass
+class CLAPConfig(DasslSchedule, CLAPFields):
+    """CLAP hyper-parameters (official code: train.py, configs/trainers/SGD_lr1e-1_B256_ep300.yaml): its own
+    fields, then Dassl's schedule (`fsbench.training.DasslSchedule`), then the logit scale."""
+
     batch_size: int = 256
     epochs: int = 300
-    warmup_epochs: int = 1  # constant warm-up epochs at warmup_lr before the cosine
-    warmup_lr: float = 1e-5
     logit_scale: float = 100.0
+
+    section: ClassVar[str] = "clap"
 
     def __post_init__(self) -> None:
         if self.constraint not in CONSTRAINTS:
             raise ConfigError(f"clap.constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if self.multipliers not in MULTIPLIERS:
             raise ConfigError(f"clap.multipliers must be one of {', '.join(MULTIPLIERS)}, got {self.multipliers!r}")
-        for name in ("lr", "warmup_lr", "logit_scale"):
+        for name in ("lr", "logit_scale"):
             check_positive("clap", name, getattr(self, name))
         check_fraction("clap", "momentum", self.momentum)
         check_at_least("clap", "augment_views", self.augment_views, 0)
-        check_at_least("clap", "batch_size", self.batch_size, 1)
-        check_at_least("clap", "epochs", self.epochs, 0)
-        check_at_least("clap", "warmup_epochs", self.warmup_epochs, 0)
+        check_dassl_schedule("clap", self)
         check_crop_scale("clap", "crop_scale", self.crop_scale)
 
 
@@ -173,7 +179,7 @@ class CLAP(Method):
         # the pooled views are shuffled each epoch; `steps` batches as Dassl's loader over the support images
         train_epochs(ctx, torch.optim.SGD([w], lr=cfg.lr, momentum=cfg.momentum),
                      shuffled_batches(x, y, cfg.batch_size, ctx.generator(1), steps), loss_fn, cfg.epochs, steps,
-                     lambda e: dassl_lr(e, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr), "train clap",
+                     cfg.lr_schedule(cfg.lr, cfg.epochs), "train clap",
                      amp=False, end_epoch=end_epoch)
         self.prototypes = w.detach()
         if not torch.isfinite(self.prototypes).all():

@@ -34,13 +34,13 @@ from torch import nn
 
 from fsbench.checks import check_at_least, check_fraction, check_list, check_positive
 from fsbench.method import FewShotData, Method, count_trainable, register_method
+from fsbench.metrics import accuracy
 from fsbench.training import (
     BestOnValidation,
     DasslRecipe,
     coop_epochs,
     dassl_steps,
     shuffled_batches,
-    top1,
     train_epochs,
 )
 
@@ -124,7 +124,7 @@ class CLIPAdapter(Method):
     @torch.no_grad()
     def val_accuracy_of(self, ratio: float, val: FewShotData) -> float:
         """Top-1 of the current adapter with `ratio` on the few-shot validation set."""
-        return top1(self._logits(val.features.to(self.ctx.device), ratio), val.labels)
+        return accuracy(self._logits(val.features.to(self.ctx.device), ratio), val.labels)
 
     def _logits(self, x: torch.Tensor, ratio: float) -> torch.Tensor:
         x = x.float()

@@ -36,14 +36,15 @@ Differences from the official code (docs/methods.md, "clip_svd"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from fsbench.checks import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.method import register_method
 from fsbench.methods.lora import CLIPLoRA
-from fsbench.tuners import MATRICES, SVDLinear, block_targets, check_targets, inject_adapter
+from fsbench.training import EndToEnd, LoRARecipe, check_end_to_end, check_lora_recipe
+from fsbench.tuners import MATRICES, SVDLinear, TargetsConfig, block_targets, inject_adapter
 
 PARTS = (*MATRICES, "mlp")
 # configs/few_shot/<dataset>.yaml:15 `template`: CoOp's per-dataset templates except food101's "a photo of a {}"
@@ -57,35 +58,23 @@ TEMPLATES = {
 
 
 @dataclass
-class CLIPSVDConfig:
-    """CLIP-SVD hyper-parameters (official few-shot defaults, natural datasets)."""
+class CLIPSVDConfig(EndToEnd, TargetsConfig, LoRARecipe):
+    """CLIP-SVD hyper-parameters (official few-shot defaults, natural datasets): CLIP-LoRA's recipe, targets
+    and end-to-end pass (the toolkit's pieces), whose other defaults are the official ones too: weight decay
+    1e-2 and batch 32 (configs/few_shot/*.yaml:4-5), betas 0.9/0.999 (train.py:127), eta_min 1e-6
+    (train.py:131), both towers, all blocks, logit scale 100 (main.py:62), crops 0.08-1 (main.py:83)."""
 
     lr: float = 5e-4  # configs/few_shot/*.yaml:2
-    weight_decay: float = 1e-2  # configs/few_shot/*.yaml:5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # train.py:127
-    batch_size: int = 32  # configs/few_shot/*.yaml:4
     iters_per_shot: int = 200  # main.py:33 --n_iters; total = n_iters x shots (train.py:121)
-    eta_min: float = 1e-6  # train.py:131
     matrices: list[str] = field(default_factory=lambda: list(PARTS))  # q, k, v, o, mlp (utils.py:48-57)
-    encoder: str = "both"  # vision | text | both (train_image_encoder / train_text_encoder)
-    position: str = "all"  # include_train_layers (fsbench.tuners.POSITIONS)
-    logit_scale: float = 100.0  # main.py:62
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # main.py:83
-    augment: str = "auto"  # see LoRAConfig.augment
-    text_buckets: int = 4  # see LoRAConfig.text_buckets
+
+    section: ClassVar[str] = "clip_svd"
+    allowed: ClassVar[tuple[str, ...]] = PARTS
 
     def __post_init__(self) -> None:
-        for name in ("lr", "logit_scale"):
-            check_positive("clip_svd", name, getattr(self, name))
-        check_non_negative("clip_svd", "weight_decay", self.weight_decay)
-        check_non_negative("clip_svd", "eta_min", self.eta_min)
-        check_betas("clip_svd", "betas", self.betas)
-        check_crop_scale("clip_svd", "crop_scale", self.crop_scale)
-        for name in ("batch_size", "iters_per_shot", "text_buckets"):
-            check_at_least("clip_svd", name, getattr(self, name), 1)
-        check_targets(self.encoder, self.position, self.matrices, allowed=PARTS)
-        if self.augment not in ("auto", "device", "pil"):
-            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
+        check_lora_recipe(self.section, self)
+        check_end_to_end(self.section, self)
+        TargetsConfig.__post_init__(self)
 
 
 @register_method("clip_svd")

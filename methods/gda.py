@@ -40,6 +40,8 @@ from fsbench.checks import check_at_least, check_crop_scale, check_list, check_p
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.methods.tip_adapter import augmented_views
+from fsbench.metrics import accuracy
+from fsbench.training import best_on_validation
 
 
 def _finite(value: object) -> bool:
@@ -105,12 +107,8 @@ def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[
 def search_alpha(zero_shot: torch.Tensor, gda: torch.Tensor, labels: torch.Tensor, alphas: list[float],
                  default: float) -> float:
     """The first alpha with the best accuracy of `zero_shot + alpha * gda`, strictly above 0 (official)."""
-    best_acc, best = 0.0, default
-    for alpha in alphas:
-        acc = ((zero_shot + alpha * gda).argmax(-1) == labels).float().mean().item()
-        if acc > best_acc:
-            best_acc, best = acc, alpha
-    return best
+    return best_on_validation(alphas, lambda alpha: accuracy(zero_shot + alpha * gda, labels), initial=default,
+                              floor=0.0)
 
 
 @register_method("gda")

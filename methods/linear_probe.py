@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from fsbench.checks import check_at_least, check_list, check_positive, positive
 from fsbench.method import FewShotData, Method, register_method
+from fsbench.metrics import accuracy
+from fsbench.training import best_on_validation
 
 INITS = ("zeros", "zero_shot")
 
@@ -85,8 +87,7 @@ def search_c(val_accuracy: Callable[[float], float], grid: list[float], steps: i
     """CoOp's C search (lpclip/linear_probe.py:53-118): the first best C of `grid`, then `steps`
     rounds comparing the ends of [C / 10, 10 C] and halving the interval in log10 towards the
     better end (the left one on ties); returns the C chosen in the last round."""
-    accs = [val_accuracy(c) for c in grid]
-    final = grid[accs.index(max(accs))]
+    final = best_on_validation(grid, val_accuracy)
     left, right = final / 10, final * 10
     for _ in range(steps):
         middle = 10 ** (0.5 * (math.log10(left) + math.log10(right)))
@@ -120,12 +121,11 @@ class LinearProbe(Method):
         def val_accuracy(weight_decay: float) -> float:
             if weight_decay not in fitted:  # each strength is fitted once (the search revisits ends)
                 w, b = fit_logistic(x, y, w0, weight_decay, cfg.max_iter, losses.setdefault(weight_decay, []))
-                fitted[weight_decay] = (((vx @ w.T + b).argmax(-1) == vy).float().mean().item(), w, b)
+                fitted[weight_decay] = (accuracy(vx @ w.T + b, vy), w, b)
             return fitted[weight_decay][0]
 
         if cfg.weight_decays:
-            accs = [val_accuracy(wd) for wd in cfg.weight_decays]
-            self.c, self.weight_decay = None, cfg.weight_decays[accs.index(max(accs))]
+            self.c, self.weight_decay = None, best_on_validation(cfg.weight_decays, val_accuracy)
         else:
             self.c = search_c(lambda c: val_accuracy(1 / (c * len(y))), cfg.c_grid, cfg.search_steps)
             self.weight_decay = 1 / (self.c * len(y))

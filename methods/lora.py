@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,62 +30,32 @@ from torch import nn
 
 from fsbench.augment import device_batches, to_uint8_tensor, train_transform
 from fsbench.backbones import BackboneInfo
-from fsbench.checks import (
-    check_at_least,
-    check_betas,
-    check_crop_scale,
-    check_fraction,
-    check_non_negative,
-    check_positive,
-)
-from fsbench.errors import RunFailed
-from fsbench.images import augmented_batches
 from fsbench.method import FewShotData, Method, count_trainable, register_method
 from fsbench.text import bucket_tokens, encode_buckets
-from fsbench.tuners import LoRALinear, check_targets, inject_lora, merged_state_dict
+from fsbench.training import (
+    EndToEnd,
+    LoRARecipe,
+    all_steps,
+    check_end_to_end,
+    check_lora_recipe,
+    image_batches,
+    train_iterations,
+)
+from fsbench.tuners import LoRALayerConfig, LoRALinear, TargetsConfig, check_lora_layer, inject_lora, merged_state_dict
 
 
 @dataclass
-class LoRAConfig:
-    """CLIP-LoRA hyper-parameters (official defaults)."""
+class LoRAConfig(EndToEnd, TargetsConfig, LoRARecipe, LoRALayerConfig):
+    """CLIP-LoRA hyper-parameters (official defaults): the LoRA layer, the recipe, the targets and the
+    end-to-end pass, composed from the toolkit's pieces (fields, and their stored order, unchanged)."""
 
-    rank: int = 2
-    alpha: float = 1.0
-    dropout: float = 0.25  # on the LoRA branch input
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size: int = 32
-    iters_per_shot: int = 500  # total steps = iters_per_shot x shots
-    eta_min: float = 1e-6  # cosine schedule floor
-    matrices: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
-    encoder: str = "both"  # vision | text | both
-    position: str = "all"  # see fsbench.tuners.POSITIONS
-    logit_scale: float = 100.0
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
-    # "device": images decoded once to uint8 tensors on the training device, crops drawn as
-    # torchvision does and resized there in batches (fsbench.augment); "pil": torchvision's PIL
-    # transforms on the CPU, one image at a time (the official code's path); "auto": "device"
-    # on CUDA, "pil" on CPU (where per-image PIL crops of small images are the faster path)
-    augment: str = "auto"
-    text_buckets: int = 4  # prompt length groups per text pass (fsbench.text.bucket_tokens); same maths
+    section: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
-        check_at_least("lora", "rank", self.rank, 1)
-        for name in ("alpha", "lr", "logit_scale"):
-            check_positive("lora", name, getattr(self, name))
-        check_non_negative("lora", "weight_decay", self.weight_decay)
-        check_non_negative("lora", "eta_min", self.eta_min)
-        check_betas("lora", "betas", self.betas)
-        check_crop_scale("lora", "crop_scale", self.crop_scale)
-        check_fraction("lora", "dropout", self.dropout)
-        check_at_least("lora", "batch_size", self.batch_size, 1)
-        check_at_least("lora", "iters_per_shot", self.iters_per_shot, 1)
-        check_targets(self.encoder, self.position, self.matrices)
-        if self.augment not in ("auto", "device", "pil"):
-            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
-        if self.text_buckets < 1:
-            raise ValueError(f"text_buckets must be >= 1, got {self.text_buckets}")
+        check_lora_layer(self.section, self)
+        check_lora_recipe(self.section, self)
+        check_end_to_end(self.section, self)
+        TargetsConfig.__post_init__(self)
 
 
 @register_method("lora")
@@ -108,32 +79,12 @@ class CLIPLoRA(Method):
         return None
 
     def fit(self, train: FewShotData, val: FewShotData) -> None:
-        cfg, ctx = self.config, self.ctx
+        cfg = self.config
         self.prepare()
-        params = self.params
-        total = self.total_steps()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.eta_min)
-        scaler = torch.amp.GradScaler(enabled=ctx.amp_dtype == torch.float16)
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         self.model.train()
-        batches = self._batches(train)
-        ctx.curves.start("train lora")
-        losses, lrs = [], []
-        for step in ctx.track(range(total), total, "train lora"):
-            loss = self.train_loss(*next(batches))
-            losses.append(loss.detach().reshape(()))
-            lrs.append(opt.param_groups[0]["lr"])
-            if (step + 1) % 50 == 0 or step + 1 == total:  # recorded and checked every 50 steps: one sync
-                values = torch.stack(losses).float().cpu()
-                ctx.curves.losses(values.tolist(), lrs)
-                losses, lrs = [], []
-                if not torch.isfinite(values).all():
-                    raise RunFailed(f"non-finite loss in steps {step // 50 * 50 + 1}-{step + 1} of {total}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+        train_iterations(self.ctx, opt, self._batches(train), self.train_loss, self.total_steps(), cfg.eta_min,
+                         "train lora")
         self.finish()
 
     def total_steps(self) -> int:
@@ -223,7 +174,8 @@ class CLIPLoRA(Method):
         bb, cfg, ctx = self.ctx.backbone, self.config, self.ctx
         if cfg.augment == "pil" or (cfg.augment == "auto" and ctx.device.type != "cuda"):
             tf = train_transform(bb.image_size, bb.mean, bb.std, cfg.crop_scale)
-            return augmented_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator())
+            return image_batches(train.items, train.image_root, tf, cfg.batch_size, ctx.generator(),
+                                 all_steps(len(train.items), cfg.batch_size))
         images = to_uint8_tensor(train.items, train.image_root, ctx.device)
         return device_batches(images, train.labels, cfg.batch_size, bb.image_size, bb.mean, bb.std,
                               cfg.crop_scale, ctx.generator(), ctx.generator(1))

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from fsbench.checks import check_at_least, check_fraction, check_non_negative
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
-from fsbench.training import BestOnValidation, top1, train_epochs
+from fsbench.metrics import accuracy
+from fsbench.training import BestOnValidation, train_epochs
 
 
 @dataclass
@@ -106,7 +107,7 @@ class LPPlusPlus(Method):
             with torch.no_grad():
                 if (epoch + 1) % cfg.alpha_every == 0:  # alpha's gradient accumulates, never zeroed (official)
                     alpha.sub_(lr_alpha * alpha.grad)
-                acc = top1(self._logits(vx, w, b, alpha), vy)
+                acc = accuracy(self._logits(vx, w, b, alpha), vy)
             best.offer(acc, lambda: (w.detach().clone(), b.detach().clone(), alpha.detach().clone()))
 
         # full batch: one step per epoch; the optimiser zeroes W and b only

@@ -21,17 +21,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fsbench.checks import check_at_least, check_betas, check_crop_scale, check_non_negative, check_positive
 from fsbench.errors import ConfigError
 from fsbench.method import count_trainable, register_method
 from fsbench.methods.lora import CLIPLoRA
 from fsbench.text import text_tower
+from fsbench.training import EndToEnd, LoRARecipe, check_end_to_end, check_lora_recipe
 from fsbench.tuners import merged_state_dict
 
 CLIP_LORA_IN_PEFT = {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "lora_dropout": 0.25, "use_rslora": True,
@@ -69,38 +69,27 @@ def build_peft_config(config: str | dict) -> Any:
 
 
 @dataclass
-class PeftConfig:
-    """A peft config plus CLIP-LoRA's training recipe (same defaults as `lora`)."""
+class PeftAdapterConfig:
+    """Which peft adapter, on which tower(s), merged or not: `PeftConfig`'s own fields (a base, so that
+    they come first in the stored config, as they always have)."""
 
     config: str | dict = json.dumps(CLIP_LORA_IN_PEFT)  # peft config: JSON object (or TOML table) with peft_type
     encoder: str = "both"  # towers the peft config is applied to: vision | text | both
     merge: bool = True  # merge the adapter into the weights for evaluation
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size: int = 32
-    iters_per_shot: int = 500  # total steps = iters_per_shot x shots
-    eta_min: float = 1e-6
-    logit_scale: float = 100.0
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    augment: str = "auto"  # see LoRAConfig.augment
-    text_buckets: int = 4  # see LoRAConfig.text_buckets
+
+
+@dataclass
+class PeftConfig(EndToEnd, LoRARecipe, PeftAdapterConfig):
+    """A peft config plus CLIP-LoRA's training recipe and end-to-end pass (the toolkit's pieces `lora` is
+    made of, same defaults)."""
 
     section: ClassVar[str] = "peft"  # the config section its errors name (a preset: its own)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("vision", "text", "both"):
             raise ValueError(f"encoder must be vision, text or both, got {self.encoder!r}")
-        check_positive(self.section, "lr", self.lr)
-        check_positive(self.section, "logit_scale", self.logit_scale)
-        check_non_negative(self.section, "weight_decay", self.weight_decay)
-        check_non_negative(self.section, "eta_min", self.eta_min)
-        check_betas(self.section, "betas", self.betas)
-        check_crop_scale(self.section, "crop_scale", self.crop_scale)
-        for name in ("batch_size", "iters_per_shot", "text_buckets"):
-            check_at_least(self.section, name, getattr(self, name), 1)
-        if self.augment not in ("auto", "device", "pil"):
-            raise ValueError(f"augment must be 'auto', 'device' or 'pil', got {self.augment!r}")
+        check_lora_recipe(self.section, self)
+        check_end_to_end(self.section, self)
         build_peft_config(self.config)
 
 

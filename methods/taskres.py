@@ -24,17 +24,18 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.checks import check_at_least, check_betas, check_non_negative, check_positive
+from fsbench.checks import check_betas, check_non_negative, check_positive
 from fsbench.data.base import Item
 from fsbench.data.templates import ensemble_templates
 from fsbench.method import FewShotData, Method, register_method
 from fsbench.text import encode_tokens
-from fsbench.training import dassl_lr, dassl_steps, shuffled_batches, train_epochs
+from fsbench.training import DasslSchedule, check_dassl_schedule, dassl_steps, shuffled_batches, train_epochs
 
 # Datasets whose CoOp split-file class names hold underscores and no spaces, so the names with
 # underscores are the prompt names with spaces replaced (TaskRes keeps them; see `official_classnames`).
@@ -42,31 +43,35 @@ UNDERSCORE_NAMES = ("caltech101", "food101", "oxford_pets", "ucf101")
 
 
 @dataclass
-class TaskResConfig:
-    """TaskRes hyper-parameters (official scripts, regular base)."""
+class TaskResFields:
+    """TaskRes's own fields and its Adam (Dassl's): the first part of `TaskResConfig`'s stored keys."""
 
     scale: float | None = None  # alpha; None = official: 0.5, 1.0 on oxford_flowers
     lr: float | None = None  # None = official: 2e-3, 2e-4 on imagenet
     weight_decay: float = 5e-4  # Dassl's default
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Dassl's Adam betas
+
+
+@dataclass
+class TaskResConfig(DasslSchedule, TaskResFields):
+    """TaskRes hyper-parameters (official scripts, regular base): its own fields, then Dassl's schedule
+    (`fsbench.training.DasslSchedule`), then the logit scale."""
+
     batch_size: int = 256
     epochs: int = 0  # 0 = official: 100 for 1-4 shots, 200 for 8-16
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
     logit_scale: float = 100.0
+
+    section: ClassVar[str] = "taskres"
 
     def __post_init__(self) -> None:
         if self.scale is not None:
             check_non_negative("taskres", "scale", self.scale)
         if self.lr is not None:
             check_positive("taskres", "lr", self.lr)
-        for name in ("warmup_lr", "logit_scale"):
-            check_positive("taskres", name, getattr(self, name))
+        check_positive("taskres", "logit_scale", self.logit_scale)
         check_non_negative("taskres", "weight_decay", self.weight_decay)
         check_betas("taskres", "betas", self.betas)
-        check_at_least("taskres", "batch_size", self.batch_size, 1)
-        check_at_least("taskres", "epochs", self.epochs, 0)
-        check_at_least("taskres", "warmup_epochs", self.warmup_epochs, 0)
+        check_dassl_schedule("taskres", self)
 
 
 def official(dataset: str, shots: int) -> tuple[float, float, int]:
@@ -139,7 +144,7 @@ class TaskRes(Method):
                                    ctx.generator(1))
         train_epochs(ctx, opt, batches, lambda x, y: F.cross_entropy(self.logits(x), y), epochs,
                      dassl_steps(len(train), cfg.batch_size),
-                     lambda e: dassl_lr(e, lr, epochs, cfg.warmup_epochs, cfg.warmup_lr), "train taskres")
+                     cfg.lr_schedule(lr, epochs), "train taskres")
 
     def classifier(self) -> torch.Tensor:
         return F.normalize(self.base + self.scale * self.residual, dim=-1)

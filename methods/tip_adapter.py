@@ -40,6 +40,8 @@ from fsbench.data.templates import ensemble_templates
 from fsbench.features import Features
 from fsbench.images import Views, item_seed
 from fsbench.method import Context, FewShotData, Method, register_method
+from fsbench.metrics import accuracy
+from fsbench.training import BestOnValidation
 
 # dataset -> (init_alpha, init_beta, search_scale [beta, alpha]). From the official configs/*.yaml
 # (dtd, eurosat, fgvc, imagenet, oxford_pets read from the repository; the other six are the
@@ -105,14 +107,12 @@ def search_alpha_beta(affinity: torch.Tensor, zero_shot: torch.Tensor, values: t
     """(alpha, beta) with the best accuracy of `zero_shot + alpha * cache`; the first best wins,
     betas outer and alphas inner, as in the official `search_hp`."""
     alpha_t = torch.tensor(alphas, device=affinity.device, dtype=affinity.dtype)
-    best = (-1.0, alphas[0], betas[0])
+    best: BestOnValidation[tuple[float, float]] = BestOnValidation()
     for beta in betas:
         logits = zero_shot.unsqueeze(0) + alpha_t[:, None, None] * cache_logits(affinity, values, beta).unsqueeze(0)
-        acc = (logits.argmax(-1) == labels.unsqueeze(0)).float().mean(-1)  # (A,)
-        i = int(acc.argmax())
-        if acc[i].item() > best[0]:
-            best = (acc[i].item(), alphas[i], beta)
-    return best[1], best[2]
+        for alpha, alpha_logits in zip(alphas, logits, strict=True):  # one cache per beta, every alpha at once
+            best.offer(accuracy(alpha_logits, labels), lambda a=alpha, b=beta: (a, b))
+    return best.state
 
 
 def augment_transform(backbone: Backbone, scale: list[float]) -> transforms.Compose:

@@ -31,7 +31,8 @@ from torch import nn
 from fsbench.checks import check_at_least, check_non_negative, check_positive
 from fsbench.method import FewShotData, register_method
 from fsbench.methods.tip_adapter import TipAdapter, TipAdapterConfig, cache_logits
-from fsbench.training import BestOnValidation, all_steps, cosine_lr, index_batches, top1, train_epochs
+from fsbench.metrics import accuracy
+from fsbench.training import BestOnValidation, all_steps, cosine_lr, index_batches, train_epochs
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TipAdapterF(TipAdapter):
 
         def validate(epoch: int) -> None:
             with torch.no_grad():
-                best.offer(top1(self._tip_logits(vx, keys), vy), lambda: keys.detach().clone())
+                best.offer(accuracy(self._tip_logits(vx, keys), vy), lambda: keys.detach().clone())
 
         train_epochs(ctx, opt, batches, lambda x, y: F.cross_entropy(self._tip_logits(x, keys), y), epochs, steps,
                      None, "train tip_adapter_f", amp=False, lr_of_step=lambda t: cosine_lr(t, cfg.lr, epochs * steps),

@@ -44,10 +44,11 @@ from fsbench.checks import (
     check_non_negative,
     check_positive,
 )
-from fsbench.errors import ConfigError, RunFailed
+from fsbench.errors import ConfigError
 from fsbench.method import FewShotData, register_method
 from fsbench.methods.lora import CLIPLoRA
 from fsbench.text import text_tower
+from fsbench.training import train_iterations
 from fsbench.tuners import ENCODERS, attention_towers, block_of
 
 
@@ -126,21 +127,12 @@ class TwoStage(CLIPLoRA):
         self._second_stage(train, steps)
 
     def _second_stage(self, train: FewShotData, steps: int) -> None:
-        """The classifier on frozen adapted image features: AdamW, cosine over the remaining steps."""
-        cfg, ctx = self.config, self.ctx
+        """The classifier on frozen adapted image features: AdamW, cosine over the remaining steps, in fp32
+        without a GradScaler (the features alone run under the autocast, `classifier_loss`)."""
+        cfg = self.config
         opt = torch.optim.AdamW([self.classifier], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=cfg.eta_min)
-        batches = self._batches(train)
-        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
-        for _ in ctx.track(range(steps), steps, "train two_stage classifier"):
-            loss = self.classifier_loss(*next(batches))
-            finite &= torch.isfinite(loss.detach())  # one host-device sync at the end, not one per step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if not finite:
-            raise RunFailed("two_stage: non-finite loss in the classifier stage")
+        train_iterations(self.ctx, opt, self._batches(train), self.classifier_loss, steps, cfg.eta_min,
+                         "train two_stage classifier", amp=False)
         self._scoring_weights()
 
     def classifier_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -52,3 +52,41 @@ def test_set_values_parse_as_toml_or_fall_back_to_strings():
     assert parse_value("vision") == "vision" and parse_value('["q", "v"]') == ["q", "v"]
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         apply_sets(BenchConfig(), ["rank=4"])
+
+
+_RECIPE = ["lr", "weight_decay", "betas", "batch_size", "iters_per_shot", "eta_min"]
+_END_TO_END = ["logit_scale", "crop_scale", "augment", "text_buckets"]
+_DASSL = ["lr", "momentum", "weight_decay", "batch_size", "epochs", "warmup_epochs", "warmup_lr"]
+_SCHEDULE = ["batch_size", "epochs", "warmup_epochs", "warmup_lr"]
+# Stored before the configs were composed from the toolkit's pieces (fsbench.training.DasslSchedule, DasslRecipe,
+# LoRARecipe, EndToEnd; fsbench.tuners.LoRALayerConfig, TargetsConfig): keys in stored order and the default
+# config's method identity (which joins every result's identity).
+STORED_CONFIGS = {
+    "lora": (["rank", "alpha", "dropout", *_RECIPE, "matrices", "encoder", "position", *_END_TO_END],
+             "9e473dd8dd413298"),
+    "peft": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "e76e1d3b73da4ef7"),
+    "lora_dora": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "805244c50d014e77"),
+    "lora_vera": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "da98fa11d9221748"),
+    "clip_svd": ([*_RECIPE, "matrices", "encoder", "position", *_END_TO_END], "3fc96e6005543aa2"),
+    "clap": (["constraint", "multipliers", "adaptive", "augment_views", "crop_scale", "view_seed", "lr", "momentum",
+              *_SCHEDULE, "logit_scale"], "40110a1df647ff88"),
+    "taskres": (["scale", "lr", "weight_decay", "betas", *_SCHEDULE, "logit_scale"], "47e2a68d144acbb3"),
+    "coop": ([*_DASSL, "n_ctx", "init", "logit_scale", "crop_scale"], "ecb3ff3631051cbf"),
+    "clip_adapter": ([*_DASSL, "reduction", "ratio", "ratios", "logit_scale"], "2518e20743988992"),
+    "maple": ([*_DASSL, "n_ctx", "init", "depth", "coupling", "logit_scale", "crop_scale"], "bb11113ffa06bd99"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORED_CONFIGS))
+def test_composed_configs_store_what_they_stored_before(name):
+    """Composing configs from pieces must not re-run stored results: same keys, same order, same identity."""
+    import dataclasses
+
+    from fsbench.identity import method_identity
+    from fsbench.method import METHODS
+
+    cls = METHODS.get(name)
+    stored = dataclasses.asdict(method_config(cls, {}))
+    keys, identity = STORED_CONFIGS[name]
+    assert list(stored) == keys and method_identity(cls, stored) == identity
+

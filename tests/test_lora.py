@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fsbench.backbones import BackboneSpec, build_backbone
 from fsbench.config import method_config
@@ -111,3 +112,50 @@ def test_config_fields_are_the_documented_names():
     names = {f.name for f in dataclasses.fields(LoRAConfig)}
     assert {"rank", "alpha", "dropout", "lr", "weight_decay", "batch_size", "iters_per_shot",
             "matrices", "encoder", "position"} <= names
+
+
+
+def test_set_reaches_every_piece_of_a_composed_config():
+    cfg = method_config(CLIPLoRA, {"rank": 4, "lr": 1e-3, "matrices": ["q"], "text_buckets": 2})
+    assert (cfg.rank, cfg.lr, cfg.matrices, cfg.text_buckets) == (4, 1e-3, ["q"], 2)
+    with pytest.raises(ConfigError, match="lora.iters_per_shot"):
+        method_config(CLIPLoRA, {"iters_per_shot": 0})
+    with pytest.raises(ConfigError, match="lora.text_buckets"):
+        method_config(CLIPLoRA, {"text_buckets": 0})
+
+
+def test_clip_lora_schedule_is_an_option_of_the_one_loop(tiny, synthetic):
+    """`train_iterations` runs the official loop (CLIP-LoRA lora.py:73-126): `total` updates, CosineAnnealingLR
+    stepped after each; the same weights, bit for bit, as that loop written out, one progress tick per update."""
+    from fsbench.method import Context
+    from fsbench.training import train_iterations
+
+    x, y, total = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0] * 2), 120
+    batches = lambda: iter(lambda: (x, y), None)  # noqa: E731
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(6, 3)
+        return lin, torch.optim.AdamW(lin.parameters(), lr=2e-4, weight_decay=1e-2)
+
+    official, opt = model_and_opt()
+    sched, lrs = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=1e-6), []
+    for count, (xb, yb) in enumerate(batches()):
+        lrs.append(opt.param_groups[0]["lr"])
+        loss = F.cross_entropy(official(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if count + 1 == total:
+            break
+    ticks = []
+    track = lambda it, n, desc: (ticks.append(i) or i for i in it)  # noqa: E731
+    ctx = Context(tiny, synthetic, torch.device("cpu"), 0, 1, track=track)
+    ours, opt = model_and_opt()
+    train_iterations(ctx, opt, batches(), lambda xb, yb: F.cross_entropy(ours(xb), yb), total, 1e-6, "train x")
+    assert torch.equal(ours.weight, official.weight) and torch.equal(ours.bias, official.bias)
+    assert ticks == list(range(total))
+    curve = ctx.curves.export()["train x"]
+    assert curve["steps"] == total and curve["lr"] == lrs  # 120 points: under the 256-point downsampling
+

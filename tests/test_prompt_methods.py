@@ -16,10 +16,18 @@ from fsbench.errors import ConfigError
 from fsbench.method import METHODS, Context, FeatureSource, Method, zero_shot_weights
 from fsbench.methods.kgcoop import knowledge_penalty
 from fsbench.methods.prograd import kl_to_teacher, official_lambda, prograd_template, project_conflicting
+from fsbench.metrics import accuracy
 from fsbench.prompts import build_prompts, encode_prompts, frozen_image_features
 from fsbench.spec import RunSpec
 from fsbench.text import encode_tokens
-from fsbench.training import BestOnValidation, DasslRecipe, dassl_steps, index_batches, shuffled_batches
+from fsbench.training import (
+    BestOnValidation,
+    DasslRecipe,
+    best_on_validation,
+    dassl_steps,
+    index_batches,
+    shuffled_batches,
+)
 
 SEED = 1
 CPU = torch.device("cpu")
@@ -193,6 +201,20 @@ def test_best_on_validation_rule():
     assert last.state == "c"
     single = BestOnValidation()
     assert single.offer(float("nan"), lambda: "only") and single.state == "only"
+
+
+def test_grid_search_and_floor_follow_the_one_rule():
+    assert best_on_validation([1, 2, 3, 4], {1: 50.0, 2: 75.0, 3: 75.0, 4: 60.0}.get) == 2  # first best
+    assert best_on_validation([1, 2, 3], {1: 75.0, 2: 75.0, 3: 10.0}.get, ties="last") == 2
+    # GDA's official search: the default stays unless an alpha scores strictly above 0
+    assert best_on_validation([1.0, 2.0], lambda a: 0.0, initial=7.0, floor=0.0) == 7.0
+    assert best_on_validation([1.0, 2.0], lambda a: 0.0 if a < 2 else 10.0, initial=7.0, floor=0.0) == 2.0
+
+
+def test_the_one_accuracy_is_exact_percent():
+    logits = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert accuracy(logits, torch.tensor([0, 1, 1])) == 100.0 * 2 / 3  # an exact count, not a float32 mean
+    assert math.isnan(accuracy(logits[:0], torch.tensor([], dtype=torch.long)))
 
 
 def test_recipe_is_flat_toml_keys_with_one_line_errors():
