@@ -168,11 +168,13 @@ def _preset(name: str) -> type[Peft]:
     """Register `lora_<name>`: `peft` whose default config is the preset (every field still settable)."""
     config = type(f"{name.title()}Config", (PeftConfig,), {
         "__annotations__": {"config": "str | dict"}, "config": json.dumps(PRESETS[name]), "section": f"lora_{name}",
-        "__doc__": f"The {name} preset of `peft` (CLIP-LoRA's placement and recipe)."})
+        "__doc__": f"The {name} preset of `peft` (CLIP-LoRA's placement and recipe).", "__module__": __name__})
     method = type(f"Lora{name.title()}", (Peft,), {
         "Config": dataclass(config), "paper": PAPERS[name], "__doc__": f"{PAPERS[name].split(',')[1].strip()} "
         "through peft, with CLIP-LoRA's placement (q, k, v of both towers, rank 2) and recipe.",
-        "summary": f"{name} preset of peft: CLIP-LoRA's placement and recipe, rank 2"})
+        "summary": f"{name} preset of peft: CLIP-LoRA's placement and recipe, rank 2",
+        # this module's, not `abc`'s (what `type` gives): the catalog lists them and their identity is built in
+        "__module__": __name__})
     return register_method(f"lora_{name}")(method)
 
 

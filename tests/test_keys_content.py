@@ -512,7 +512,9 @@ def test_result_stamped_by_size_and_mtime_is_verified_and_upgraded(lab, capsys, 
 def test_catalog_matches_the_registries():
     """`fsbench/catalog_index.py` is what the live registries hold (regenerate: `python -m fsbench.catalog`)."""
     # in a fresh interpreter: a plug-in registered by another test (the README's examples) is not built in
-    code = "from fsbench.catalog import build, index; import sys; sys.exit(0 if build() == index() else 1)"
+    # and it lists every built-in method (peft's presets, made with `type`, were once left out as module `abc`)
+    code = ("from fsbench.catalog import build, index; from fsbench.method import METHODS; import sys; "
+            "sys.exit(0 if build() == index() and set(METHODS.names()) == set(index()['methods']) else 1)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, "stale fsbench/catalog_index.py: run python -m fsbench.catalog\n" + proc.stderr[-2000:]
 
