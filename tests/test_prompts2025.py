@@ -229,10 +229,11 @@ def test_deep_prompts_hook_replaces_from_the_start_and_the_end():
 
 
 def test_sweep_of_promptsrc_and_tcp_on_the_tiny_backbone(tmp_path, synthetic_root, capsys, monkeypatch):
-    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp,dept_coop,dept_kgcoop,dept_maple
-    --backbones test-tiny --datasets synthetic --shots 1,2 --seeds 1` (short schedules)."""
+    """Issue 22's acceptance command: `fsbench sweep --methods promptsrc,tcp,dept_coop,dept_kgcoop,dept_maple,gallop
+    --backbones test-tiny --datasets synthetic --shots 1,2 --seeds 1` (short schedules; the LoRA family's in
+    tests/test_lora_family.py)."""
     monkeypatch.chdir(tmp_path)  # no ./bench.toml: built-in defaults
-    methods = ("promptsrc", "tcp", "dept_coop", "dept_kgcoop", "dept_maple")
+    methods = ("promptsrc", "tcp", "dept_coop", "dept_kgcoop", "dept_maple", "gallop")
     args = [*sweep_args(tmp_path, synthetic_root), "--methods", ",".join(methods), "--shots", "1,2", "--seeds", "1",
             *[a for m in methods for a in ("--set", f"{m}.epochs=2")]]
     assert main(args) == 0
