@@ -112,8 +112,9 @@ class Executor:
         source = self._data(episode.source)
         self.check_free_space()
         if (prep.cls.eval_input or prep.cls.input_kind) == "images":  # an unreadable test image: before training
-            self.scan_once([it for t in episode.results for ev in t.evals
-                             for it in self._eval_items(ev)], source.image_root)
+            for name in dict.fromkeys(ev.dataset for t in episode.results for ev in t.evals):  # each under its root
+                self.scan_once([it for t in episode.results for ev in t.evals if ev.dataset == name
+                                for it in self._eval_items(ev)], self._data(name).image_root)
         backbone = self.backbone(spec)
         torch.manual_seed(spec.seed)  # dropout and other module-level randomness
         if self.device.type == "cuda":

@@ -153,6 +153,17 @@ def test_cross_dataset_fits_once_and_scores_each_target(tmp_path):
     assert other.top1 is None and "top1" in other.not_applicable and other.status == "ok"
 
 
+def test_an_image_method_scores_targets_under_their_own_folders(tmp_path):
+    """An image-input method's test images are checked before training under each evaluated dataset's own image
+    root (they were once all looked up under the source's: every target image was "unreadable")."""
+    make_coop_dataset(tmp_path, "dtd", classes=("a", "b", "c"), counts=(2, 1, 2))
+    make_coop_dataset(tmp_path, "eurosat", classes=("x", "y"), counts=(2, 1, 3))
+    runner = runner_for(tmp_path, tmp_path, ['study.cross_targets=["eurosat"]', "lora.iters_per_shot=2"])
+    results, _ = runner.run_all(RunSpec("lora", "test-tiny", "dtd", 1, 1, protocol="cross_dataset"))
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    assert all(r.top1 is not None for r in results)
+
+
 def test_domain_generalisation_scores_subsets_by_row_selection(tmp_path):
     """ImageNet-A's classes are ImageNet classes: even a method that cannot score unseen classes
     (linear_probe) is scored on them, by taking its logits of those classes."""
