@@ -65,8 +65,9 @@ STORED_CONFIGS = {
     "lora": (["rank", "alpha", "dropout", *_RECIPE, "matrices", "encoder", "position", *_END_TO_END],
              "9e473dd8dd413298"),
     "peft": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "e76e1d3b73da4ef7"),
-    "lora_dora": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "805244c50d014e77"),
-    "lora_vera": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "da98fa11d9221748"),
+    # the presets' identities changed once, on purpose: they hashed abc.py as plug-in source (module "abc")
+    "lora_dora": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "58fbfb77e9ef40cc"),
+    "lora_vera": (["config", "encoder", "merge", *_RECIPE, *_END_TO_END], "00c3218f53ff71a4"),
     "clip_svd": ([*_RECIPE, "matrices", "encoder", "position", *_END_TO_END], "3fc96e6005543aa2"),
     "clap": (["constraint", "multipliers", "adaptive", "augment_views", "crop_scale", "view_seed", "lr", "momentum",
               *_SCHEDULE, "logit_scale"], "40110a1df647ff88"),
