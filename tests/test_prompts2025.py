@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from parity import parity_model_backbone
 from test_method_contract import fitted
 from test_report_protocols import ROOT, _record
 from test_sweep import results_by_key, sweep_args
 
-from fsbench.attention import split_attention
-from fsbench.backbones import Backbone, BackboneSpec
+from fsbench.backbones import Backbone
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.method import Context
@@ -54,14 +53,7 @@ def parity_backbone(tiny) -> Backbone:
     """The seeded random open_clip CLIP the official code was run on (text 9 x 512 wide: TCP's block 8 and
     its hard-coded 512), unfused and frozen as `build_backbone` does, with the real BPE tokenizer."""
     data = official("tcp")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.CLIP(**data["parity_config"], quick_gelu=True)
-    checksum = float(sum(v.double().sum() for v in model.state_dict().values()))
-    assert math.isclose(checksum, data["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixtures"
-    split_attention(model)
-    model.requires_grad_(False).eval()
-    return Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 32, tiny.mean, tiny.std, 64)
+    return parity_model_backbone(data, tiny)
 
 
 def parity_context(bb: Backbone, dataset: str, names: list[str]) -> Context:
@@ -377,14 +369,7 @@ def test_dept_maple_loss_gradients_and_logits_equal_the_official_code(tiny):
     """DePT on MaPLe against the official ExtrasLinearProbeMaPLe model on a random CLIP with ViT-B/16's widths
     (the official MaPLe projection is hard-coded 512 -> 768), depth 9, 2 tokens."""
     data = torch.load(FIXTURES / "dept" / "official_loss_maple.pt", weights_only=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.CLIP(**data["parity_config"], quick_gelu=True)
-    checksum = float(sum(v.double().sum() for v in model.state_dict().values()))
-    assert math.isclose(checksum, data["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixtures"
-    split_attention(model)
-    model.requires_grad_(False).eval()
-    bb = Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 32, tiny.mean, tiny.std, 64)
+    bb = parity_model_backbone(data, tiny)
     method = DePTMaPLe(method_config(DePTMaPLe, {"logit_scale": data["logit_scale"]}),
                        parity_context(bb, "oxford_pets", data["classnames"]))
     method._build()

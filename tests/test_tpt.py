@@ -9,12 +9,11 @@ import json
 import math
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
+from parity import parity_model_backbone
 from PIL import Image
 
-from fsbench.attention import split_attention
 from fsbench.backbones import Backbone, BackboneSpec, build_backbone, describe
 from fsbench.cli import main
 from fsbench.config import method_config
@@ -40,14 +39,7 @@ def parity_backbone(tiny) -> Backbone:
     """The seeded random open_clip CLIP the official code was run on (its `build_model` on this state dict),
     unfused and frozen as `build_backbone` does, with the real BPE tokenizer."""
     data = official()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.CLIP(**data["parity_config"], quick_gelu=True)
-    checksum = float(sum(v.double().sum() for v in model.state_dict().values()))
-    assert math.isclose(checksum, data["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixtures"
-    split_attention(model)
-    model.requires_grad_(False).eval()
-    return Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 32, tiny.mean, tiny.std, 64)
+    return parity_model_backbone(data, tiny)
 
 
 @pytest.fixture(scope="module")
