@@ -213,7 +213,8 @@ def _stand_in(name: str, record: dict[str, Any]) -> type:
     return type(name, (), {"__module__": record["module"], "name": name, "Config": config, "static": True,
                            "version": record["version"], "input_kind": record["input"],
                            "val_request": record["val_request"],
-                           "reference_seed": classmethod(lambda cls, config: None)})
+                           "reference_seed": classmethod(lambda cls, config: None),
+                           "user_overrides": classmethod(lambda cls, sections: dict(sections.get(cls.name, {})))})
 
 
 def build() -> dict[str, Any]:

@@ -246,6 +246,7 @@ LABELS = {
     "files": "file identity scheme",
     "reference": "the draw of the stage shared by all seeds (PLOT++'s stage 1)",
     "train_images": "the episode's training images", "val_images": "the episode's validation images",
+    "order": "the order the test images are met in (seeded per run)",
 }
 
 

@@ -235,6 +235,9 @@ class Protocol:
     # "transductive" (each whole set at once; online methods also run). Labels are never shown.
     unlabelled: ClassVar[str] = "none"
     online_batch: ClassVar[int] = 1
+    # the evaluation sets' order is drawn from the seed (test_time): the identity then holds the images by
+    # content and their order as the per-seed component "order", so a cell's seeds are averaged, not split
+    seeded_order: ClassVar[bool] = False
     # cost of scoring: the executor adds `SCORING_COST`'s metrics (milliseconds and peak memory of the method's
     # scoring calls per test image) to every result; list them in `metric_names`/`metric_info` to show them
     scoring_cost: ClassVar[bool] = False
@@ -465,8 +468,8 @@ SCORING_COST = (
 
 def shuffled_test(data: DatasetSplits, classes: ClassSet, seed: int, salt: str, metric: str = "top1") -> EvalSet:
     """Every test image of `data` in an order drawn from (`salt`, dataset, `seed`): the order an online
-    test-time method meets them in. The order is part of the result's identity (`identity.eval_digest`
-    hashes the positions in order)."""
+    test-time method meets them in. With `Protocol.seeded_order` the order is the result identity's per-seed
+    component "order", beside the images' content digest."""
     order = list(range(len(data.test)))
     random.Random(f"{salt}|{data.name}|{seed}").shuffle(order)
     return EvalSet(metric, data.name, tuple(order), tuple(data.test[i].label for i in order), classes)
@@ -490,6 +493,7 @@ class TestTime(Protocol):
     online_batch = 1
     scoring_cost = True
     cost_plot = ("top1", MS_PER_IMAGE)
+    seeded_order = True
 
     def episode(self, source, draw, targets):
         classes = class_set(source)

@@ -115,8 +115,7 @@ class Resolver:
     def method_and_config(self, spec: RunSpec) -> tuple[type[Method], Any]:
         """The method's class (within `catalog.static_methods()`, its torch-free stand-in) and resolved config."""
         cls = method_class(spec.method)
-        own = getattr(cls, "user_overrides", None)  # METHOD+STEP: each part's table (fsbench.transduction)
-        overrides = {**(own(self.cfg.methods) if own else self.cfg.methods.get(cls.name, {})), **spec.overrides}
+        overrides = {**cls.user_overrides(self.cfg.methods), **spec.overrides}
         return cls, method_config(cls, overrides)
 
     def protocol(self, spec: RunSpec) -> Protocol:
@@ -141,8 +140,14 @@ class Resolver:
             base["reference"] = reference[1]
         identities, paths = {}, {}
         for target in episode.results:
-            evals = {f"eval:{target.dataset}/{ev.metric}": identity.eval_digest(self._data(ev.dataset), ev.positions)
-                     for ev in target.evals}
+            # a protocol whose order of the test images is drawn per seed (test_time): the images by content
+            # (seed-independent, so a cell's seeds are averaged) and their order as a per-seed component
+            seeded = protocol.seeded_order
+            evals = {f"eval:{target.dataset}/{ev.metric}": identity.eval_digest(
+                self._data(ev.dataset), tuple(sorted(ev.positions)) if seeded else ev.positions)
+                for ev in target.evals}
+            if seeded:
+                evals["order"] = identity.digest([[ev.metric, ev.positions] for ev in target.evals])
             classes = identity.digest([[ev.classes.names, ev.classes.templates] for ev in target.evals])
             identities[target.dataset] = {**base, **evals, "classes": identity.digest([base["classes"], classes])}
             paths[target.dataset] = result_path(self.cfg.runtime.results, spec.label or cls.name, spec.backbone,

@@ -223,7 +223,7 @@ def load_results(results_dir: str | Path, include_failed: bool = False, warn=Non
 
 
 CELL = ["protocol", "method", "backbone", "dataset", "source_dataset", "shots"]
-PER_SEED = ("fewshot",)  # identity components that differ from seed to seed by design (the draw)
+PER_SEED = ("fewshot", "order")  # identity components that differ from seed to seed by design (the draw, the order)
 
 
 def _seedless(identity: Any) -> tuple[str, str]:

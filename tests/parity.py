@@ -11,10 +11,10 @@ from fsbench.attention import split_attention
 from fsbench.backbones import Backbone, BackboneSpec
 
 
-def parity_model_backbone(data: dict, tiny: Backbone) -> Backbone:
+def parity_model_backbone(data: dict, tiny: Backbone, image_size: int = 32) -> Backbone:
     """The CLIP of a fixture's `parity_config` (torch seed 0, QuickGELU) the official code was run on, checked
     against the fixture's `checksum`, unfused and frozen as `build_backbone` does, with `tiny`'s real BPE
-    tokenizer, preprocessing and normalisation (32 px, embedding 64: the fixtures' sizes)."""
+    tokenizer, preprocessing and normalisation (`image_size` px, embedding 64: the fixtures' sizes)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.CLIP(**data["parity_config"], quick_gelu=True)
@@ -22,4 +22,5 @@ def parity_model_backbone(data: dict, tiny: Backbone) -> Backbone:
     assert math.isclose(checksum, data["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixtures"
     split_attention(model)
     model.requires_grad_(False).eval()
-    return Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 32, tiny.mean, tiny.std, 64)
+    return Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, image_size, tiny.mean, tiny.std,
+                    64)

@@ -8,15 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import open_clip
 import pytest
 import torch
+from parity import parity_model_backbone
 from test_method_contract import fitted, runner  # noqa: F401  (the module-scoped runner fixture)
 from test_prompts2025 import assert_grads
 from test_sweep import results_by_key, sweep_args
 
-from fsbench.attention import split_attention
-from fsbench.backbones import Backbone, BackboneSpec
 from fsbench.cli import main
 from fsbench.config import method_config
 from fsbench.errors import ConfigError
@@ -48,14 +46,7 @@ def official() -> dict:
 @pytest.fixture(scope="module")
 def parity_method(official, tiny) -> GalLoP:
     """fsbench's GalLoP on the seeded random CLIP the official code ran on, with the official initial values."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.CLIP(**official["parity_config"], quick_gelu=True)
-    checksum = float(sum(v.double().sum() for v in model.state_dict().values()))
-    assert math.isclose(checksum, official["checksum"], rel_tol=1e-12), "torch's seeded init changed: remake fixture"
-    split_attention(model)
-    model.requires_grad_(False).eval()
-    bb = Backbone(BackboneSpec("test-tiny"), model, tiny.tokenizer, tiny.preprocess, 64, tiny.mean, tiny.std, 64)
+    bb = parity_model_backbone(official, tiny, image_size=64)
     names = official["classnames"]
     classes = ClassSet("oxford_pets", "oxford_pets", tuple(range(len(names))), tuple(names), ("a photo of a {}.",))
     method = GalLoP(method_config(GalLoP, {"logit_scale": official["logit_scale"]}),

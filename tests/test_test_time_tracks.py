@@ -134,9 +134,22 @@ def test_test_time_shows_one_image_at_a_time_in_the_seeded_order(recorded, data_
     assert sorted(orders[1]) == sorted(orders[2]) and orders[1] != orders[2]  # same images, another order
     work = recorded["work"]
     ids = [_result(work, "test_time_recorder", "synthetic", "test_time", s)["identity"] for s in (1, 2)]
-    assert ids[0]["eval:synthetic/top1"] != ids[1]["eval:synthetic/top1"]  # the order is part of the identity
+    assert ids[0]["order"] != ids[1]["order"]  # the order is part of the identity, per seed
+    assert ids[0]["eval:synthetic/top1"] == ids[1]["eval:synthetic/top1"]  # the same test images: one cell
     whole = [_result(work, "transductive_recorder", "synthetic", "transductive", s)["identity"] for s in (1, 2)]
-    assert whole[0]["eval:synthetic/top1"] == whole[1]["eval:synthetic/top1"]  # one set: same digest
+    assert whole[0]["eval:synthetic/top1"] == whole[1]["eval:synthetic/top1"] and "order" not in whole[0]
+
+
+def test_the_seeds_of_a_test_time_cell_are_one_cell(recorded):
+    """Two seeds are two orders of the same test images: the report averages them (it once split them as if
+    they were different evaluation sets, `[cfg ...]`), and nothing is reported separately."""
+    from fsbench.results import load_results
+
+    warnings: list[str] = []
+    df = load_results(recorded["work"] / "results", warn=warnings.append)
+    online = df[df["protocol"] == "test_time"]
+    assert len(online) == 2 * 2 * len(RECORDERS) and not warnings  # 2 datasets x 2 seeds x the recorders
+    assert set(online["method"]) == set(RECORDERS)  # no "[cfg ...]" variants
 
 
 def test_transductive_shows_each_whole_set_at_once(recorded, data_root):
